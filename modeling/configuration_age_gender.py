@@ -1,0 +1,152 @@
+"""Configuration of the age and gender CNN."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Named architectures. "small" is the default: it trains well from scratch on 2 CPU cores in about an
+# hour. "base" is wider, deeper and sees more pixels, for GPU runs. "seed" reproduces the network of the
+# project's seed notebook (a plain Keras CNN) so that every comparison with it is measured.
+PRESETS: dict[str, dict] = {
+    "small": {
+        "backbone": "resnet",
+        "image_size": 64,
+        "embedding_size": 32,
+        "hidden_sizes": [32, 64, 128, 256],
+        "depths": [1, 2, 2, 2],
+        "head_hidden_size": 0,
+        "head_dropout": 0.1,
+    },
+    "base": {
+        "backbone": "resnet",
+        "image_size": 96,
+        "embedding_size": 48,
+        "hidden_sizes": [48, 96, 192, 384],
+        "depths": [2, 2, 3, 2],
+        "head_hidden_size": 0,
+        "head_dropout": 0.2,
+    },
+    "seed": {
+        "backbone": "plain",
+        "image_size": 128,
+        "embedding_size": 32,
+        "hidden_sizes": [32, 64, 128, 256],
+        "depths": [1, 1, 1, 1],
+        "hidden_act": "relu",
+        "head_hidden_size": 256,
+        "head_dropout": 0.3,
+    },
+}
+
+
+class AgeGenderConfig(PretrainedConfig):
+    r"""
+    Configuration of [`AgeGenderModel`]: a convolutional backbone with an age head (a distribution over whole
+    years) and a gender head (two logits).
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"resnet"`):
+            `"resnet"`: a stem convolution with stride 2, then residual stages of basic blocks with batch norm,
+            the first stage at stride 1 and each later one halving the resolution, then global average pooling.
+            `"plain"`: the seed notebook's network, unpadded 3x3 convolutions each followed by 2x2 max-pooling,
+            then flattening.
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of the input images (RGB).
+        image_size (`int`, *optional*, defaults to 64):
+            Side of the square input in pixels. The image processor resizes faces to it.
+        embedding_size (`int`, *optional*, defaults to 32):
+            Channels of the stem convolution (`"resnet"` only).
+        hidden_sizes (`list[int]`, *optional*, defaults to `[32, 64, 128, 256]`):
+            Channels of each stage.
+        depths (`list[int]`, *optional*, defaults to `[1, 2, 2, 2]`):
+            Residual blocks in each stage (`"resnet"` only; `"plain"` has one convolution per stage).
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            Activation of the backbone and of the heads' hidden layers.
+        head_hidden_size (`int`, *optional*, defaults to 0):
+            Width of a hidden dense layer in each head; 0 puts the output layers straight on the pooled features.
+        head_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout before each head's output layer.
+        min_age (`int`, *optional*, defaults to 0):
+            Youngest age the age head can predict (one bin per whole year).
+        max_age (`int`, *optional*, defaults to 116):
+            Oldest age the age head can predict (UTKFace goes up to 116).
+        age_label_sigma (`float`, *optional*, defaults to 2.0):
+            Standard deviation in years of the Gaussian label distribution that stands for each true age in the
+            loss (DLDL-v2).
+        age_l1_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the L1 term on the expected age, next to the KL term on the distribution (DLDL-v2).
+        gender_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the gender cross-entropy in the total loss.
+        gender_label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing of the gender cross-entropy; UTKFace labels hold some errors.
+        age_interval_coverage (`float`, *optional*, defaults to 0.8):
+            Share of true ages that the reported age interval is meant to hold.
+        age_interval_scale (`float`, *optional*, defaults to 1.2816):
+            Half-width of the age interval in units of the predicted standard deviation. Training calibrates
+            it on the validation split so that the interval holds `age_interval_coverage` of true ages; the
+            default is the Gaussian value for 80%.
+    """
+
+    model_type = "age_gender_cnn"
+
+    def __init__(
+        self,
+        backbone: str = "resnet",
+        num_channels: int = 3,
+        image_size: int = 64,
+        embedding_size: int = 32,
+        hidden_sizes: list[int] | None = None,
+        depths: list[int] | None = None,
+        hidden_act: str = "silu",
+        head_hidden_size: int = 0,
+        head_dropout: float = 0.1,
+        min_age: int = 0,
+        max_age: int = 116,
+        age_label_sigma: float = 2.0,
+        age_l1_weight: float = 1.0,
+        gender_loss_weight: float = 1.0,
+        gender_label_smoothing: float = 0.0,
+        age_interval_coverage: float = 0.8,
+        age_interval_scale: float = 1.2816,
+        **kwargs,
+    ):
+        if backbone not in ("resnet", "plain"):
+            raise ValueError(f"backbone must be 'resnet' or 'plain', not {backbone!r}")
+        hidden_sizes = list(hidden_sizes or [32, 64, 128, 256])
+        depths = list(depths or [1, 2, 2, 2])
+        if len(hidden_sizes) != len(depths):
+            raise ValueError(f"hidden_sizes {hidden_sizes} and depths {depths} must have the same length")
+        if not 0 <= min_age < max_age:
+            raise ValueError(f"need 0 <= min_age < max_age, got {min_age} and {max_age}")
+        self.backbone = backbone
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.embedding_size = embedding_size
+        self.hidden_sizes = hidden_sizes
+        self.depths = depths
+        self.hidden_act = hidden_act
+        self.head_hidden_size = head_hidden_size
+        self.head_dropout = head_dropout
+        self.min_age = min_age
+        self.max_age = max_age
+        self.age_label_sigma = age_label_sigma
+        self.age_l1_weight = age_l1_weight
+        self.gender_loss_weight = gender_loss_weight
+        self.gender_label_smoothing = gender_label_smoothing
+        self.age_interval_coverage = age_interval_coverage
+        self.age_interval_scale = age_interval_scale
+        kwargs.setdefault("id2label", {0: "male", 1: "female"})
+        kwargs.setdefault("label2id", {"male": 0, "female": 1})
+        super().__init__(**kwargs)
+
+    @property
+    def num_ages(self) -> int:
+        """Bins of the age head, one per whole year from `min_age` to `max_age`."""
+        return self.max_age - self.min_age + 1
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "AgeGenderConfig":
+        """A config from one of `PRESETS`, with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

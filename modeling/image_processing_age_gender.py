@@ -1,0 +1,180 @@
+"""Image processor of the age and gender CNN: the one preprocessing definition that training, evaluation,
+the pipeline and the app all share."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
+
+
+class InvalidImageError(ValueError):
+    """An input that is not an image this processor can read; the message says why."""
+
+
+def _describe(source: object) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    """Open a file or bytes as a PIL image, refusing decompression bombs before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError as error:
+        raise InvalidImageError(f"no such image file: {_describe(source)}") from error
+    except IsADirectoryError as error:
+        raise InvalidImageError(f"expected an image file, got a folder: {_describe(source)}") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise InvalidImageError(f"not an image or an unsupported format: {_describe(source)}") from error
+    except Image.DecompressionBombError as error:
+        raise InvalidImageError(f"image too large to decode safely: {_describe(source)} ({error})") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"image too large: {width}x{height} pixels is over the limit of {max_pixels:,} ({_describe(source)})"
+        )
+    try:
+        image.seek(0)  # animated images: the first frame
+        image.load()
+    except Exception as error:  # truncated or corrupt data surfaces only when pixels are decoded
+        raise InvalidImageError(f"image data is corrupt or truncated: {_describe(source)} ({error})") from error
+    return image
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, upright: EXIF orientation applied, transparency laid on white, and 16-bit or
+    float pixels scaled rather than clipped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(array_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def array_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale integer, float or boolean pixels to uint8: floats in [0, 1] are taken as fractions."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float32))
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(array * scale, 0, 255).round().astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        peak = array.max(initial=0)
+        if peak <= 255:
+            return np.clip(array, 0, 255).astype(np.uint8)
+        return (np.clip(array, 0, 65535).astype(np.float32) / 257.0).round().astype(np.uint8)
+    raise InvalidImageError(f"unsupported pixel type {array.dtype}")
+
+
+def array_to_rgb(array: np.ndarray) -> Image.Image:
+    """An RGB image from an array laid out (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise InvalidImageError(f"expected an image array of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}")
+    if min(array.shape[:2]) < 1:
+        raise InvalidImageError(f"image array is empty: shape {array.shape}")
+    return pil_to_rgb(Image.fromarray(np.ascontiguousarray(array_to_uint8(array))))
+
+
+class AgeGenderImageProcessor(BaseImageProcessor):
+    r"""
+    Turns face crops into the model's `pixel_values`: any image mode to RGB (EXIF orientation honoured), a
+    centred square crop, a resize to `image_size` and normalisation.
+
+    Training caches the output of [`~AgeGenderImageProcessor.to_uint8`] and applies
+    [`~AgeGenderImageProcessor.normalize_batch`] on the device after augmentation, so the model meets the same
+    pixels in training and in use.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 64):
+            Side of the square output in pixels.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel mean subtracted after scaling pixels to [0, 1].
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel standard deviation divided by.
+        max_image_pixels (`int`, *optional*, defaults to 100_000_000):
+            Files with more pixels are refused before decoding (decompression bombs).
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        max_image_pixels: int = 100_000_000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.max_image_pixels = int(max_image_pixels)
+
+    def load_rgb(self, image: ImageLike) -> Image.Image:
+        """Any supported input as an upright 8-bit RGB PIL image, or an `InvalidImageError` that says why not."""
+        if isinstance(image, (str, os.PathLike, bytes)):
+            image = open_image(image, self.max_image_pixels)
+        if isinstance(image, Image.Image):
+            if min(image.size) < 1:
+                raise InvalidImageError(f"image is empty: size {image.size}")
+            return pil_to_rgb(image)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray):
+            return array_to_rgb(image)
+        raise InvalidImageError(
+            f"expected a PIL image, numpy array, torch tensor, file path or bytes, got {type(image).__name__}"
+        )
+
+    def to_uint8(self, image: ImageLike) -> np.ndarray:
+        """The face as a `(image_size, image_size, 3)` uint8 array: centre-cropped to a square, then resized."""
+        rgb = self.load_rgb(image)
+        width, height = rgb.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        square = rgb.crop((left, top, left + side, top + side))
+        return np.asarray(square.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR, reducing_gap=None))
+
+    def normalize_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Batched `(N, 3, H, W)` pixels on the 0-255 scale, of any dtype and on any device, to normalised float
+        pixel values."""
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """One image or a list of them to a batch of `pixel_values`."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise InvalidImageError("no images given: expected one image or a non-empty list of images")
+        else:
+            images = [images]
+        arrays = np.stack([self.to_uint8(image) for image in images])
+        pixel_values = self.normalize_batch(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+        if return_tensors in (None, "np"):
+            return BatchFeature({"pixel_values": pixel_values.numpy()})
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, not {return_tensors!r}")
+        return BatchFeature({"pixel_values": pixel_values})
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)

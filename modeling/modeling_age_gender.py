@@ -1,0 +1,211 @@
+"""The age and gender CNN as a transformers model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_age_gender import AgeGenderConfig
+
+
+@dataclass
+class AgeGenderOutput(ModelOutput):
+    """
+    Output of [`AgeGenderModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `age` and `gender` are given):
+            DLDL-v2 age loss (KL divergence to a Gaussian label distribution plus L1 on the expected age) plus
+            the weighted gender cross-entropy.
+        age (`torch.FloatTensor` of shape `(batch_size,)`):
+            Expected age in years under the predicted distribution.
+        age_std (`torch.FloatTensor` of shape `(batch_size,)`):
+            Standard deviation in years of the predicted age distribution: the model's own uncertainty.
+        age_logits (`torch.FloatTensor` of shape `(batch_size, config.num_ages)`):
+            Logits over whole years `config.min_age` to `config.max_age`; softmax gives the distribution.
+        gender_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+            Logits of the classes in `config.id2label` (0 male, 1 female).
+    """
+
+    loss: torch.FloatTensor | None = None
+    age: torch.FloatTensor | None = None
+    age_std: torch.FloatTensor | None = None
+    age_logits: torch.FloatTensor | None = None
+    gender_logits: torch.FloatTensor | None = None
+
+
+class ConvBnAct(nn.Sequential):
+    """Convolution, batch norm and (optionally) activation: the unit every residual block is made of."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 3, act: str | None = "silu"):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            ACT2FN[act] if act else nn.Identity(),
+        )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al., 2016): two 3x3 convolutions and a shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, act: str):
+        super().__init__()
+        self.conv1 = ConvBnAct(in_channels, out_channels, stride, act=act)
+        self.conv2 = ConvBnAct(out_channels, out_channels, act=None)
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.shortcut = ConvBnAct(in_channels, out_channels, stride, kernel_size=1, act=None) if needs_projection else nn.Identity()
+        self.act = ACT2FN[act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(hidden)) + self.shortcut(hidden))
+
+
+class ResNetBackbone(nn.Sequential):
+    """A small ResNet: at 64 px the stem brings faces to 32 px, and four stages to 4 px, then average pooling."""
+
+    def __init__(self, config: AgeGenderConfig):
+        layers: list[nn.Module] = [ConvBnAct(config.num_channels, config.embedding_size, stride=2, act=config.hidden_act)]
+        in_channels = config.embedding_size
+        for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
+            for block in range(depth):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(BasicBlock(in_channels, width, stride, config.hidden_act))
+                in_channels = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        super().__init__(*layers)
+        self.out_features = in_channels
+
+
+class PlainBackbone(nn.Sequential):
+    """The seed notebook's network: unpadded 3x3 convolutions, each followed by 2x2 max-pooling, then flatten."""
+
+    def __init__(self, config: AgeGenderConfig):
+        layers: list[nn.Module] = []
+        in_channels, side = config.num_channels, config.image_size
+        for width in config.hidden_sizes:
+            layers += [nn.Conv2d(in_channels, width, 3), ACT2FN[config.hidden_act], nn.MaxPool2d(2)]
+            in_channels, side = width, (side - 2) // 2
+        if side < 1:
+            raise ValueError(f"image_size {config.image_size} is too small for {len(config.hidden_sizes)} plain stages")
+        layers.append(nn.Flatten())
+        super().__init__(*layers)
+        self.out_features = in_channels * side * side
+
+
+class PredictionHead(nn.Sequential):
+    """An optional hidden dense layer, dropout, then the output layer."""
+
+    def __init__(self, in_features: int, out_features: int, config: AgeGenderConfig):
+        layers: list[nn.Module] = []
+        if config.head_hidden_size:
+            layers += [nn.Linear(in_features, config.head_hidden_size), ACT2FN[config.hidden_act]]
+            in_features = config.head_hidden_size
+        layers += [nn.Dropout(config.head_dropout), nn.Linear(in_features, out_features)]
+        super().__init__(*layers)
+
+
+def gaussian_label_distribution(age: torch.Tensor, ages: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each true age as a normalised Gaussian over the age bins: neighbouring ages look alike (DLDL)."""
+    weights = torch.exp(-0.5 * ((ages[None, :] - age[:, None]) / sigma) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class AgeGenderPreTrainedModel(PreTrainedModel):
+    config_class = AgeGenderConfig
+    base_model_prefix = "age_gender"
+    main_input_name = "pixel_values"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BasicBlock):
+            # Zero-init the last norm of each residual branch so every block starts as the identity (Goyal et
+            # al., 2017): deep nets from scratch train faster and more stably.
+            nn.init.zeros_(module.conv2[1].weight)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Weights come only from safetensors: a pickle file in a model folder is never unpickled."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
+
+class AgeGenderModel(AgeGenderPreTrainedModel):
+    """A CNN with an age head (distribution over whole years) and a gender head, for aligned face crops."""
+
+    def __init__(self, config: AgeGenderConfig):
+        super().__init__(config)
+        self.backbone = ResNetBackbone(config) if config.backbone == "resnet" else PlainBackbone(config)
+        self.age_head = PredictionHead(self.backbone.out_features, config.num_ages, config)
+        self.gender_head = PredictionHead(self.backbone.out_features, 2, config)
+        self.post_init()
+
+    def age_bins(self, device: torch.device) -> torch.Tensor:
+        """The age of each bin in years. Made on the fly, not kept as a buffer: transformers builds models on
+        the meta device when loading, which would leave a non-persistent buffer uninitialised."""
+        return torch.arange(self.config.min_age, self.config.max_age + 1, device=device, dtype=torch.float32)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        age: torch.Tensor | None = None,
+        gender: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AgeGenderOutput | tuple:
+        """
+        Args:
+            pixel_values: `(batch, channels, image_size, image_size)` as the image processor makes them.
+            age: true ages in years, for the loss.
+            gender: true gender ids (0 male, 1 female), for the loss.
+        """
+        features = self.backbone(pixel_values.contiguous(memory_format=torch.channels_last))
+        age_logits = self.age_head(features).float()
+        gender_logits = self.gender_head(features).float()
+        age_probs = age_logits.softmax(dim=-1)
+        bins = self.age_bins(age_logits.device)
+        expected_age = age_probs @ bins
+        variance = age_probs @ bins.square() - expected_age.square()
+        age_std = variance.clamp_min(1e-6).sqrt()
+
+        loss = None
+        if age is not None and gender is not None:
+            loss = self.age_loss(age_logits, expected_age, age) + self.config.gender_loss_weight * F.cross_entropy(
+                gender_logits, gender.long(), label_smoothing=self.config.gender_label_smoothing
+            )
+        output = AgeGenderOutput(
+            loss=loss, age=expected_age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def age_interval(self, age: torch.Tensor, age_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-year bounds of the interval meant to hold `config.age_interval_coverage` of true ages, its
+        half-width calibrated on validation data in units of the predicted spread."""
+        half_width = self.config.age_interval_scale * age_std
+        low = (age - half_width).floor().clamp(self.config.min_age, self.config.max_age)
+        high = (age + half_width).ceil().clamp(self.config.min_age, self.config.max_age)
+        return low.long(), high.long()
+
+    def age_loss(self, age_logits: torch.Tensor, expected_age: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """DLDL-v2 (Gao et al., "Age Estimation Using Expectation of Label Distribution Learning", IJCAI 2018):
+        KL divergence from a Gaussian label distribution, plus an L1 term on the expected age, so that the
+        distribution is learnt and its mean is pulled to the true age."""
+        age = age.float().clamp(self.config.min_age, self.config.max_age)
+        target = gaussian_label_distribution(age, self.age_bins(age.device), self.config.age_label_sigma)
+        kl = F.kl_div(age_logits.log_softmax(dim=-1), target, reduction="batchmean")
+        return kl + self.config.age_l1_weight * F.l1_loss(expected_age, age)

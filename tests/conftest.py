@@ -1,0 +1,66 @@
+"""Shared fixtures: small UTKFace-style folders that the tests make themselves, and paths to real data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REAL_ARCHIVE = Path(os.environ.get("UTKFACE_ARCHIVE", ROOT.parent / "shared" / "datasets" / "UTKFace.tar.gz"))
+SHIPPED_MODEL = ROOT / "model"
+EXAMPLES = ROOT / "examples"
+
+
+def face_like(seed: int, size: int = 200) -> Image.Image:
+    """A synthetic 'face': a smooth random colour field (no dataset image is ever stored in the repo)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def utk_name(age: int, gender: int, race: int | None, stamp: int) -> str:
+    race_part = "" if race is None else f"{race}_"
+    return f"{age}_{gender}_{race_part}{20170101000000000 + stamp}.jpg.chip.jpg"
+
+
+def write_utk_folder(folder: Path, count: int, start: int = 0) -> list[Path]:
+    """`count` valid UTKFace-style files with ages spread over 1-90 and both genders."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / utk_name(1 + (i * 7) % 90, i % 2, i % 5, i)
+        face_like(i).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def utk_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "UTKFace"
+    write_utk_folder(folder, 60)
+    return folder
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def require_real_archive() -> Path:
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"the UTKFace archive is not at {REAL_ARCHIVE} (set UTKFACE_ARCHIVE to point at it)")
+    return REAL_ARCHIVE
+
+
+def require_shipped_model() -> Path:
+    if not (SHIPPED_MODEL / "model.safetensors").is_file():
+        pytest.fail(f"the shipped model is missing from {SHIPPED_MODEL}")
+    return SHIPPED_MODEL

@@ -1,0 +1,122 @@
+"""The Gradio app launched for real and driven with gradio_client, and its functions called directly."""
+
+from __future__ import annotations
+
+import socket
+
+import gradio as gr
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from app import build_demo, launch, predict_photo, stream_webcam
+from bad_inputs import make_bad_files
+from conftest import EXAMPLES, require_shipped_model
+from faces import FaceAnalyzer, FaceTracker
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> FaceAnalyzer:
+    return FaceAnalyzer(require_shipped_model())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(analyzer):
+    demo = build_demo(analyzer)
+    port = free_port()
+    launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return make_bad_files(tmp_path_factory.mktemp("bad"))
+
+
+def call_api(client: Client, path, is_crop: bool = False):
+    return client.predict(handle_file(str(path)), is_crop, api_name="/predict")
+
+
+def test_photo_with_several_faces_is_labelled(client):
+    annotated, table, _, payload, message = call_api(client, EXAMPLES / "three_portraits.jpg")
+    assert len(payload["faces"]) >= 3 and "Found" in message
+    for face in payload["faces"]:
+        assert set(face) >= {"box", "age", "age_interval", "gender", "gender_score"}
+        x0, y0, x1, y1 = face["box"]
+        assert 0 <= x0 < x1 <= 896 and 0 <= y0 < y1 <= 400
+        assert face["age_interval"][0] <= face["age"] <= face["age_interval"][1]
+        assert face["gender"] in ("male", "female") and 0.5 <= face["gender_score"] <= 1
+    assert Image.open(annotated).size == (896, 400)
+    assert len(table["data"]) == len(payload["faces"])
+
+
+def test_photo_without_a_face_says_so_and_offers_the_whole_image(client):
+    _, table, _, payload, message = call_api(client, EXAMPLES / "chelsea_the_cat.jpg")
+    assert payload["faces"] == [] and "No face found" in message
+    assert payload["whole_image"]["gender"] in ("male", "female") and len(table["data"]) == 1
+
+
+def test_face_crop_option_skips_detection(client):
+    _, _, _, payload, _ = call_api(client, EXAMPLES / "chelsea_the_cat.jpg", is_crop=True)
+    assert len(payload["faces"]) == 1 and payload["faces"][0]["box"] == [0, 0, 451, 300]
+
+
+def test_bad_file_gets_a_clear_error_and_the_server_keeps_serving(client, bad_files):
+    with pytest.raises(Exception, match="not an image"):
+        call_api(client, bad_files["text_renamed.jpg"][0])
+    assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
+
+
+def test_oversized_upload_is_refused(client, tmp_path):
+    big = tmp_path / "big.png"
+    Image.effect_noise((2600, 2600), 100).convert("RGB").save(big)  # noise does not compress: about 20 MB
+    assert big.stat().st_size > 10 * 1024 * 1024
+    with pytest.raises(Exception, match="(?i)exceeds|too large|maximum|413|size"):
+        call_api(client, big)
+    assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
+
+
+def test_bad_input_corpus_through_the_live_api(client, bad_files):
+    for name, (path, expectation) in bad_files.items():
+        if expectation == "ok":
+            annotated, _, _, payload, _ = call_api(client, path)
+            assert Image.open(annotated).size[0] >= 1, name
+        else:
+            with pytest.raises(Exception, match="(?i)image|large|decode"):
+                call_api(client, path)
+    assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
+
+
+def test_bad_input_corpus_through_the_app_function(analyzer, bad_files):
+    for name, (path, expectation) in bad_files.items():
+        if expectation == "ok":
+            annotated, table, _, payload, message = predict_photo(analyzer, str(path))
+            assert annotated.size[0] >= 1 and message, name
+        else:
+            with pytest.raises(gr.Error):
+                predict_photo(analyzer, str(path))
+
+
+def test_exif_rotated_photo_is_read_upright(analyzer, bad_files):
+    result = analyzer.analyze(bad_files["exif_rotated.jpg"][0])
+    assert result.image.size == Image.open(EXAMPLES / "obama.jpg").size and len(result.faces) == 1
+
+
+def test_webcam_stream_smooths_ages_across_frames(analyzer):
+    frame = __import__("numpy").asarray(Image.open(EXAMPLES / "obama.jpg").convert("RGB").resize((480, 640)))
+    annotated, labels, tracker = stream_webcam(analyzer, frame, None)
+    assert isinstance(tracker, FaceTracker) and len(tracker.tracks) == 1 and labels.startswith(("M ", "F "))
+    first_age = tracker.tracks[0].age
+    older = analyzer.predict_faces([Image.open(EXAMPLES / "astronaut.jpg")])[0]
+    older.box = tracker.tracks[0].box
+    smoothed = tracker.update([older], analyzer.model.config)[0]
+    assert min(first_age, older.age) <= smoothed.age <= max(first_age, older.age)
+    assert abs(smoothed.age - first_age) < abs(older.age - first_age) or older.age == first_age
+    assert stream_webcam(analyzer, None, tracker)[0] is None

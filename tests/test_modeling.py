@@ -1,0 +1,249 @@
+"""The model as a transformers model: Auto classes, save/load, the processor on every kind of image,
+the pipeline, loss, the seed replica, and safe loading."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, pipeline
+
+from conftest import ROOT, face_like
+from modeling import PIPELINE_TASK, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel, InvalidImageError
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A small untrained model saved the way training saves one."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32)).eval()
+    model.save_pretrained(folder)
+    AgeGenderImageProcessor(image_size=32).save_pretrained(folder)
+    return folder
+
+
+def test_save_pretrained_writes_the_hub_files_and_code(saved_model):
+    names = {p.name for p in saved_model.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= names
+    assert {"configuration_age_gender.py", "modeling_age_gender.py", "image_processing_age_gender.py"} <= names
+    config = json.loads((saved_model / "config.json").read_text())
+    assert config["model_type"] == "age_gender_cnn" and config["id2label"] == {"0": "male", "1": "female"}
+    assert "AutoModel" in config["auto_map"]
+
+
+def test_round_trip_gives_identical_outputs(saved_model):
+    model = AutoModel.from_pretrained(saved_model).eval()
+    processor = AutoImageProcessor.from_pretrained(saved_model)
+    assert isinstance(model, AgeGenderModel) and isinstance(processor, AgeGenderImageProcessor)
+    inputs = processor(images=[face_like(1), face_like(2)], return_tensors="pt")
+    again = AutoModel.from_pretrained(saved_model).eval()
+    with torch.inference_mode():
+        first, second = model(**inputs), again(**inputs)
+    torch.testing.assert_close(first.age, second.age, rtol=0, atol=0)
+    torch.testing.assert_close(first.gender_logits, second.gender_logits, rtol=0, atol=0)
+    assert first.age.shape == (2,) and first.gender_logits.shape == (2, 2) and first.age_std.shape == (2,)
+    assert ((first.age >= 0) & (first.age <= 116)).all()
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_auto_classes_work_from_a_fresh_interpreter(saved_model):
+    code = f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import modeling
+from transformers import AutoModel, AutoImageProcessor
+from PIL import Image
+m = AutoModel.from_pretrained({str(saved_model)!r}); p = AutoImageProcessor.from_pretrained({str(saved_model)!r})
+out = m(**p(images=[Image.new("RGB", (50, 60))], return_tensors="pt"))
+print(type(m).__name__, tuple(out.age.shape), tuple(out.gender_logits.shape), m.config.id2label)
+"""
+    result = run_python(code, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "AgeGenderModel (1,) (1, 2) {0: 'male', 1: 'female'}" in result.stdout
+
+
+def test_remote_code_loads_with_only_transformers_and_only_when_trusted(saved_model, tmp_path):
+    """What a Hub user gets: the code files pushed with the weights, no project checkout on the path."""
+    code = f"""
+from transformers import AutoModel, AutoImageProcessor
+try:
+    AutoModel.from_pretrained({str(saved_model)!r})
+    print("LOADED WITHOUT TRUST")
+except Exception as error:
+    print("refused:", type(error).__name__)
+m = AutoModel.from_pretrained({str(saved_model)!r}, trust_remote_code=True)
+p = AutoImageProcessor.from_pretrained({str(saved_model)!r}, trust_remote_code=True)
+import numpy as np
+out = m(**p(images=np.zeros((40, 40, 3), dtype=np.uint8), return_tensors="pt"))
+print(type(m).__name__, float(out.age[0]) >= 0)
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED WITHOUT TRUST" not in result.stdout and "refused:" in result.stdout
+    assert "AgeGenderModel True" in result.stdout
+
+
+def test_only_safetensors_are_read(saved_model, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved_model / "config.json").read_text())
+    torch.save(AutoModel.from_pretrained(saved_model).state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        AutoModel.from_pretrained(folder)
+
+
+def test_truncated_weights_give_an_error_that_names_the_file(saved_model, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_text((saved_model / name).read_text())
+    (folder / "model.safetensors").write_bytes((saved_model / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(Exception, match="safetensors|model.safetensors|header|deserializ"):
+        AutoModel.from_pretrained(folder)
+
+
+def image_in_mode(mode: str) -> Image.Image:
+    rgb = face_like(3, 80)
+    if mode == "I;16":
+        return Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    if mode == "P-transparent":
+        image = rgb.convert("P")
+        image.info["transparency"] = 0
+        return image
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "1", "P", "P-transparent", "RGBA", "LA", "CMYK", "YCbCr", "I", "I;16", "F"])
+def test_processor_reads_every_image_mode(mode):
+    processor = AgeGenderImageProcessor(image_size=32)
+    pixel_values = processor(images=image_in_mode(mode), return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32) and pixel_values.dtype == torch.float32
+    assert torch.isfinite(pixel_values).all() and pixel_values.abs().max() <= 1.0 + 1e-6
+
+
+def test_sixteen_bit_pixels_are_scaled_not_clipped():
+    processor = AgeGenderImageProcessor(image_size=8)
+    mid_gray = Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16))
+    assert abs(int(processor.to_uint8(mid_gray)[0, 0, 0]) - 128) <= 1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (4000, 3000), (37, 300), (300, 37)])
+def test_processor_handles_tiny_huge_and_non_square_images(size):
+    processor = AgeGenderImageProcessor(image_size=32)
+    assert processor(images=Image.new("RGB", size, (10, 200, 30)))["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_processor_accepts_arrays_tensors_paths_and_bytes(tmp_path):
+    processor = AgeGenderImageProcessor(image_size=32)
+    image = face_like(5, 64)
+    path = tmp_path / "face.png"
+    image.save(path)
+    reference = processor(images=image)["pixel_values"]
+    array = np.asarray(image)
+    for variant in (array, array.transpose(2, 0, 1), torch.from_numpy(array.copy()), array.astype(np.float32) / 255, str(path), path, path.read_bytes()):
+        torch.testing.assert_close(processor(images=variant)["pixel_values"], reference, atol=2 / 255 / 0.5, rtol=0)
+    assert processor(images=np.asarray(image.convert("L")))["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_processor_honours_exif_orientation(tmp_path):
+    processor = AgeGenderImageProcessor(image_size=16)
+    upright = Image.new("RGB", (40, 20), (255, 0, 0))
+    upright.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # stored rotated; EXIF 6 says rotate back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    assert processor.load_rgb(path).size == (40, 20)
+
+
+def test_batch_gives_the_same_results_as_single_images(saved_model):
+    model = AutoModel.from_pretrained(saved_model).eval()
+    processor = AutoImageProcessor.from_pretrained(saved_model)
+    images = [face_like(i) for i in range(4)]
+    with torch.inference_mode():
+        batch = model(**processor(images=images))
+        singles = [model(**processor(images=image)) for image in images]
+    torch.testing.assert_close(batch.age, torch.cat([s.age for s in singles]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(batch.gender_logits, torch.cat([s.gender_logits for s in singles]), atol=1e-4, rtol=1e-5)
+
+
+def test_loss_falls_when_overfitting_a_handful_of_faces():
+    torch.manual_seed(0)
+    model = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32))
+    processor = AgeGenderImageProcessor(image_size=32)
+    inputs = processor(images=[face_like(i) for i in range(8)])
+    age, gender = torch.tensor([5.0, 20, 35, 50, 65, 80, 12, 44]), torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(**inputs, age=age, gender=gender).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.3 * losses[0]
+    model.eval()
+    with torch.inference_mode():
+        out = model(**inputs)
+    assert (out.age - age).abs().mean() < 5
+
+
+def test_seed_replica_matches_the_seed_notebook_parameter_count():
+    model = AgeGenderModel(AgeGenderConfig.from_preset("seed"))
+    total = sum(p.numel() for p in model.parameters())
+    output_layers = sum(p.numel() for head in (model.age_head, model.gender_head) for p in head[-1].parameters())
+    # The seed's Keras summary: 5,108,034 parameters, of which 2 x 257 in its two one-unit output layers.
+    assert total - output_layers == 5_108_034 - 2 * 257
+
+
+def test_pipeline_returns_one_record_per_image(saved_model, tmp_path):
+    estimator = pipeline(PIPELINE_TASK, model=str(saved_model))
+    path = tmp_path / "face.jpg"
+    face_like(9).save(path)
+    single = estimator(str(path))
+    assert set(single) == {"age", "age_interval", "gender", "gender_score"}
+    assert isinstance(single["age"], float) and single["gender"] in ("male", "female")
+    low, high = single["age_interval"]
+    assert isinstance(low, int) and low <= single["age"] <= high
+    assert 0.5 <= single["gender_score"] <= 1
+    many = estimator([face_like(1), str(path), face_like(2)])
+    assert len(many) == 3 and many[1] == single
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [([], "no images"), ("does/not/exist.jpg", "no such image file"), (b"plain text", "not an image"), (42, "expected a PIL image")],
+)
+def test_bad_inputs_give_clear_errors(saved_model, bad, message):
+    processor = AgeGenderImageProcessor.from_pretrained(saved_model)
+    with pytest.raises(InvalidImageError, match=message):
+        processor(images=bad)
+    estimator = pipeline(PIPELINE_TASK, model=str(saved_model))
+    with pytest.raises((InvalidImageError, ValueError), match=message):
+        estimator(bad)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(path)  # 400 megapixels in a few kilobytes
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(InvalidImageError, match="too large"):
+        AgeGenderImageProcessor()(images=str(path))
+
+
+def test_animated_gif_uses_its_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (30, 30), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert AgeGenderImageProcessor().to_uint8(str(path))[0, 0].tolist() == [255, 0, 0]

@@ -1,0 +1,135 @@
+"""Training and evaluation end to end through `accelerate launch`, on small files the tests make, including
+an interrupted run resumed to the same weights and every fault the scripts must refuse clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_utk_folder
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+QUICK = ["--preset", "small", "--image_size", "32", "--batch_size", "16", "--epochs", "2", "--learning_rate", "2e-3", "--checkpointing_steps", "4"]
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_command(data: Path, output_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [*ACCELERATE, str(ROOT / "training" / "train.py"), "--data", str(data), "--output_dir", str(output_dir), "--cache_dir", str(cache), *QUICK, *extra]
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "UTKFace"
+    write_utk_folder(folder, 240)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished_run(training_data, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    result = subprocess.run(
+        train_command(training_data, output_dir, training_data.parent / "cache", "--push_to_hub", "--hub_model_id", "someone/age-gender-test"),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900,
+    )
+    assert "the Hub is offline" in result.stderr, result.stderr[-3000:]  # push is tried last, after saving
+    return output_dir
+
+
+def test_accelerate_run_writes_every_output(finished_run):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "metrics.json", "training_curves.png", "modeling_age_gender.py"):
+        assert (finished_run / name).is_file(), name
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert {"age_mae", "age_cs5", "gender_accuracy", "age_interval_coverage"} <= set(metrics["test"])
+    assert len(metrics["history"]) == 2 and metrics["command"].startswith("accelerate launch training/train.py")
+    card = (finished_run / "README.md").read_text()
+    assert card.startswith("---") and "model-index" in card and "license: cc-by-nc-4.0" in card
+    assert "accelerate launch training/train.py" in card and "Intended use and limitations" in card
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["age_interval_scale"] > 0
+
+
+def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run, tmp_path):
+    output_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(train_command(training_data, output_dir, training_data.parent / "cache"), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 600
+    while not (output_dir / "checkpoints" / "checkpoint_1" / "complete").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-epoch 1, with checkpoint_0 (step 4) and checkpoint_1 (step 8)
+    process.wait()
+    assert not (output_dir / "model.safetensors").exists()
+    resumed = subprocess.run(train_command(training_data, output_dir, training_data.parent / "cache", "--resume"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    expected, actual = load_file(finished_run / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert (expected[name] == actual[name]).all(), name
+
+
+def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(finished_run), "--data", str(training_data), "--split", "all", "--out", str(out), "--cache_dir", str(training_data.parent / "cache"), "--update_card"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["overall"]["count"] == sum(g["count"] for g in report["gender"].values())
+    assert {"0-2", "3-9", "10-19", "70+"} & set(report["age_band"]) and "White" in report["race"]
+    assert set(report["gender_confusion"]) == {"true_male", "true_female"}
+    for chart in ("predicted_vs_true_age.png", "mae_by_age.png"):
+        assert (out / chart).stat().st_size > 1000
+    assert "By age band" in (finished_run / "README.md").read_text()
+
+
+def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_unwritable_output_dir_is_refused_before_training(training_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_train("--data", str(training_data), "--output_dir", str(blocker / "out"))
+    assert result.returncode != 0 and "cannot write to --output_dir" in result.stderr
+    assert "Checking" not in result.stderr  # refused before the data was even read
+
+
+def test_missing_dataset_names_what_was_expected(tmp_path):
+    result = run_train("--data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0 and "no such folder or archive" in result.stderr and "UTKFace.tar.gz" in result.stderr
+
+
+def test_bad_arguments_are_refused(training_data, tmp_path):
+    result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "o"), "--epochs", "0")
+    assert result.returncode == 2 and "must be positive" in result.stderr
+    result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "o"), "--push_to_hub")
+    assert result.returncode == 2 and "--hub_model_id" in result.stderr
+
+
+def test_existing_checkpoints_need_resume_and_corrupt_ones_name_the_file(training_data, finished_run, tmp_path):
+    result = run_train("--data", str(training_data), "--output_dir", str(finished_run), "--cache_dir", str(training_data.parent / "cache"), *QUICK)
+    assert result.returncode != 0 and "pass --resume" in result.stderr
+    broken = tmp_path / "broken"
+    (broken / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    (broken / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"garbage")
+    (broken / "checkpoints" / "checkpoint_0" / "complete").touch()
+    result = run_train("--data", str(training_data), "--output_dir", str(broken), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--resume")
+    assert result.returncode != 0 and "checkpoint_0 cannot be loaded" in result.stderr
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(training_data, tmp_path):
+    result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "nan"), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--learning_rate", "1e30", "--max_grad_norm", "1e30", timeout=600)
+    assert result.returncode != 0 and "the loss became" in result.stderr and "last checkpoint" in result.stderr

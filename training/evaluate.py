@@ -1,0 +1,136 @@
+"""Evaluate a saved model on any split of any UTKFace source, with the fairness view: the same figures per
+race, per gender and per age band, a gender confusion matrix, and charts.
+
+    python training/evaluate.py --model model --data ../shared/datasets/UTKFace.tar.gz --split test --out reports/test
+
+Writes report.json and report.md, predicted_vs_true_age.png and mae_by_age.png to --out. With
+--update_card, also writes the per-group figures into the model folder's card (README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project, not this file as `evaluate`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoImageProcessor, AutoModel
+
+import modeling  # noqa: F401  (registers the model with the Auto classes)
+from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
+from training.model_card import write_model_card
+from training.plots import plot_age_errors
+from training.scoring import load_metric, predict_loader, score
+
+AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
+
+
+def band_name(low: int, high: int) -> str:
+    return f"{low}+" if high >= 200 else f"{low}-{high}"
+
+
+def group_scores(predictions: dict[str, np.ndarray], masks: dict[str, np.ndarray], metric) -> dict[str, dict]:
+    return {name: score({k: v[mask] for k, v in predictions.items()}, metric) for name, mask in masks.items() if mask.any()}
+
+
+def breakdown(predictions: dict[str, np.ndarray], race: np.ndarray, metric) -> dict:
+    """Overall figures, the same per age band, race and gender, the confusion matrix and plain-words weak spots."""
+    age, gender = predictions["age_true"], predictions["gender_true"].astype(int)
+    overall = score(predictions, metric)
+    report = {
+        "overall": overall,
+        "age_band": group_scores(predictions, {band_name(lo, hi): (age >= lo) & (age <= hi) for lo, hi in AGE_BANDS}, metric),
+        "race": group_scores(predictions, {name: race == i for i, name in enumerate(RACE_NAMES)}, metric),
+        "gender": group_scores(predictions, {name: gender == i for i, name in enumerate(GENDER_NAMES)}, metric),
+        "gender_confusion": {
+            f"true_{t}": {f"pred_{p}": int(((gender == i) & (predictions["gender_pred"] == j)).sum()) for j, p in enumerate(GENDER_NAMES)}
+            for i, t in enumerate(GENDER_NAMES)
+        },
+    }
+    report["weaknesses"] = weaknesses(report, overall)
+    return report
+
+
+def weaknesses(report: dict, overall: dict) -> list[str]:
+    """Groups (of at least 20 faces) clearly worse than the whole: age MAE 25% above it, or gender accuracy
+    3 points below."""
+    found = []
+    for group in ("age_band", "race", "gender"):
+        for name, m in report[group].items():
+            if m["count"] < 20:
+                continue
+            if m["age_mae"] > 1.25 * overall["age_mae"]:
+                found.append(f"age is less accurate for {group.replace('_', ' ')} {name}: MAE {m['age_mae']:.2f} against {overall['age_mae']:.2f} overall")
+            if m["gender_accuracy"] < overall["gender_accuracy"] - 0.03:
+                found.append(f"gender is less accurate for {group.replace('_', ' ')} {name}: {m['gender_accuracy']:.1%} against {overall['gender_accuracy']:.1%} overall")
+    return found
+
+
+def report_markdown(report: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]
+    o = report["overall"]
+    lines.append(f"| all | {o['count']} | {o['age_mae']:.2f} | {o['age_cs5']:.1%} | {o['gender_accuracy']:.1%} |")
+    for group in ("age_band", "race", "gender"):
+        for name, m in report[group].items():
+            lines.append(f"| {group.replace('_', ' ')} {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
+    lines += ["", "Gender confusion (rows true, columns predicted):", "", "| | male | female |", "|---|---|---|"]
+    for true, row in report["gender_confusion"].items():
+        lines.append(f"| {true.removeprefix('true_')} | {row['pred_male']} | {row['pred_female']} |")
+    lines += ["", "Weak spots:", ""] + [f"- {w}" for w in report["weaknesses"] or ["none beyond the thresholds"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="model", help="Model folder or Hub id.")
+    parser.add_argument("--data", required=True, help="UTKFace folder, UTKFace.tar.gz or Hub dataset id.")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    parser.add_argument("--out", required=True, help="Folder for the report and charts.")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--split_ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1])
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--flip_tta", action="store_true", help="Average with the mirror image.")
+    parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator()
+    model = AutoModel.from_pretrained(args.model).to(accelerator.device).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios))
+    from datasets import concatenate_datasets
+
+    dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
+    pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, args.cache_dir)))
+    loader = DataLoader(
+        TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"])),
+        batch_size=args.batch_size,
+    )
+    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
+    report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
+    report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report, f"{args.model} on the {args.split} split"))
+    plot_age_errors(predictions, AGE_BANDS, out)
+    print(report_markdown(report, f"{args.model} on the {args.split} split"))
+    if args.update_card:
+        model_dir = Path(args.model)
+        results = json.loads((model_dir / "metrics.json").read_text())
+        write_model_card(model_dir, results, breakdown=report)
+        print(f"updated {model_dir / 'README.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

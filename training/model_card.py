@@ -1,0 +1,131 @@
+"""The model card (README.md with Hub metadata) written next to a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# Age and gender CNN
+
+A small convolutional network that estimates the age (in years, with an interval) and the gender of an
+aligned face crop, trained from scratch on UTKFace with this project's `training/train.py`.
+
+- Architecture: `{{ backbone }}` backbone, {{ parameters }} parameters, {{ image_size }}x{{ image_size }} RGB input.
+- Age: a distribution over whole years {{ min_age }}-{{ max_age }} (DLDL-v2 loss); the estimate is its mean,
+  and the interval is calibrated on the validation split to hold {{ coverage }} of true ages.
+- Gender: two classes, `male` and `female`, as labelled in UTKFace.
+
+## Results on the held-out test split
+
+{{ results_table }}
+
+## Where it is weak
+
+{{ breakdown }}
+
+## Use
+
+```python
+import modeling  # from the project's repository: registers the model with transformers
+from transformers import AutoModel, AutoImageProcessor
+
+model = AutoModel.from_pretrained("PATH_OR_HUB_ID")
+processor = AutoImageProcessor.from_pretrained("PATH_OR_HUB_ID")
+out = model(**processor(images=[face_crop], return_tensors="pt"))
+out.age, out.age_std, out.gender_logits.softmax(-1)
+```
+
+Without the project's code, `AutoModel.from_pretrained(HUB_ID, trust_remote_code=True)` loads the code
+files pushed with the weights.
+
+## Intended use and limitations
+
+- For research, demos and aggregate statistics on faces framed like UTKFace (the project's app detects
+  and aligns faces first). Not for decisions about individuals: identity, eligibility, age verification
+  or anything legal.
+- Gender is a binary label as annotated by the dataset's collectors from appearance; it says nothing
+  about anyone's gender identity.
+- UTKFace labels were estimated by the collectors and hold errors; its faces are mostly frontal,
+  and the dataset is unbalanced by age and ethnicity (few children between 3 and 15, few over 80).
+- Trained on UTKFace, whose terms allow non-commercial research only; the weights carry that limit.
+
+## Training
+
+Data: UTKFace, {{ train_size }} training, {{ val_size }} validation and {{ test_size }} test images after the
+duplicate policy of `training/data.py` (splits by a hash of each file's bytes). Reproduce with:
+
+```
+{{ command }}
+```
+"""
+
+
+def results_table(results: dict) -> str:
+    rows = ["| split | age MAE (years) | CS@5 | gender accuracy | faces |", "|---|---|---|---|---|"]
+    for split in ("validation", "test"):
+        m = results[split]
+        rows.append(f"| {split} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} | {m['count']} |")
+    coverage = results["test"].get("age_interval_coverage")
+    if coverage is not None:
+        rows.append(f"\nShare of test ages inside the predicted age interval: {coverage:.1%}.")
+    return "\n".join(rows)
+
+
+def breakdown_text(breakdown: dict | None) -> str:
+    """Per-group figures from `training/evaluate.py`, worst age bands first."""
+    if not breakdown:
+        return "Run `python training/evaluate.py` on this folder to add per-race, per-gender and per-age figures."
+    lines = []
+    for group in ("age_band", "race", "gender"):
+        lines += [f"\n**By {group.replace('_', ' ')}**\n", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]
+        for name, m in breakdown[group].items():
+            lines.append(f"| {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
+    if breakdown.get("weaknesses"):
+        lines.insert(0, "\n".join(f"- {w}" for w in breakdown["weaknesses"]))
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace | None = None, breakdown: dict | None = None) -> Path:
+    config = json.loads((output_dir / "config.json").read_text())
+    test = results["test"]
+    card_data = ModelCardData(
+        license="cc-by-nc-4.0",
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["age-estimation", "gender-classification", "face", "utkface"],
+        datasets=["UTKFace"],
+        model_name="age-gender-cnn",
+        metrics=["mae", "accuracy"],
+        eval_results=[
+            EvalResult(task_type="age-estimation", dataset_type="utkface", dataset_name="UTKFace (project test split)", metric_type="mae", metric_name="Age MAE", metric_value=round(test["age_mae"], 3)),
+            EvalResult(task_type="age-estimation", dataset_type="utkface", dataset_name="UTKFace (project test split)", metric_type="cs5", metric_name="Age CS@5", metric_value=round(test["age_cs5"], 4)),
+            EvalResult(task_type="image-classification", dataset_type="utkface", dataset_name="UTKFace (project test split)", metric_type="accuracy", metric_name="Gender accuracy", metric_value=round(test["gender_accuracy"], 4)),
+        ],
+    )
+    history = results.get("history") or []
+    card = ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        backbone=config["backbone"],
+        parameters=f"{results['parameters']:,}",
+        image_size=config["image_size"],
+        min_age=config["min_age"],
+        max_age=config["max_age"],
+        coverage=f"{config['age_interval_coverage']:.0%}",
+        results_table=results_table(results),
+        breakdown=breakdown_text(breakdown),
+        train_size=results.get("train_size", "?"),
+        val_size=results["validation"]["count"],
+        test_size=test["count"],
+        command=results.get("command", "") + (f"\n# best epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
+    )
+    path = output_dir / "README.md"
+    card.save(path)
+    return path

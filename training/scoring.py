@@ -1,0 +1,68 @@
+"""Predictions over cached pixels and the project's metrics, shared by training and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "age_gender")
+
+
+def load_metric() -> evaluate.EvaluationModule:
+    """The local `age_gender` evaluate module: it needs no network."""
+    return evaluate.load(METRIC_PATH)
+
+
+@torch.inference_mode()
+def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+    """Age, age spread and gender probabilities for uint8 `(N, H, W, 3)` faces; with `flip_tta` the
+    mirror image is predicted too and the two averaged."""
+    pixels = pixels.permute(0, 3, 1, 2)
+    views = [pixels, pixels.flip(-1)] if flip_tta else [pixels]
+    outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
+    age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
+    bins = torch.arange(model.config.min_age, model.config.max_age + 1, device=age_probs.device, dtype=age_probs.dtype)
+    age = age_probs @ bins
+    age_std = (age_probs @ bins.square() - age.square()).clamp_min(1e-6).sqrt()
+    gender_probs = torch.stack([o.gender_logits.softmax(-1) for o in outputs]).mean(0)
+    return {"age": age, "age_std": age_std, "gender_probs": gender_probs, "age_probs": age_probs}
+
+
+def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: bool = False) -> dict[str, np.ndarray]:
+    """Predictions and labels for every item of a (prepared) loader, gathered across processes."""
+    model.eval()
+    collected: dict[str, list[np.ndarray]] = {}
+    for pixels, age, gender in loader:
+        prediction = predict_batch(model, processor, pixels, flip_tta)
+        batch = {
+            "age_pred": prediction["age"],
+            "age_std": prediction["age_std"],
+            "gender_pred": prediction["gender_probs"].argmax(-1),
+            "gender_score": prediction["gender_probs"].max(-1).values,
+            "age_true": age,
+            "gender_true": gender,
+        }
+        for key, value in accelerator.gather_for_metrics(batch).items():
+            collected.setdefault(key, []).append(value.float().cpu().numpy())
+    return {key: np.concatenate(values) for key, values in collected.items()}
+
+
+def score(predictions: dict[str, np.ndarray], metric: evaluate.EvaluationModule | None = None) -> dict[str, float]:
+    """Age MAE, CS@5 and gender accuracy of gathered predictions."""
+    metric = metric or load_metric()
+    return metric.compute(
+        age_predictions=predictions["age_pred"],
+        age_references=predictions["age_true"],
+        gender_predictions=predictions["gender_pred"].astype(int),
+        gender_references=predictions["gender_true"].astype(int),
+    )
+
+
+def calibrate_interval_scale(predictions: dict[str, np.ndarray], coverage: float) -> float:
+    """The multiple of the predicted age spread whose interval holds `coverage` of the true ages."""
+    ratios = np.abs(predictions["age_true"] - predictions["age_pred"]) / np.maximum(predictions["age_std"], 1e-6)
+    return float(np.quantile(ratios, coverage))

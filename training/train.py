@@ -1,0 +1,411 @@
+"""Train the age and gender CNN on UTKFace with Accelerate (CPU, one GPU or several).
+
+    accelerate launch training/train.py --data ../shared/datasets/UTKFace.tar.gz --output_dir runs/small
+    python training/train.py --data PATH --output_dir DIR --preset seed --epochs 10
+
+Writes the best model by validation score (`save_pretrained`), metrics.json, training curves and a model card
+to `--output_dir`; checkpoints go to `--output_dir/checkpoints` and `--resume` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project, not training/evaluate.py as `evaluate`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from training.augment import augment_batch
+from training.data import load_utkface, pixel_cache
+from training.hub import HubUnavailableError, push_model_folder
+from training.model_card import write_model_card
+from training.plots import plot_training_curves
+from training.scoring import calibrate_interval_scale, load_metric, predict_loader, score
+
+
+COMPLETE_MARKER = "complete"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="UTKFace folder, UTKFace.tar.gz, or a Hub dataset id.")
+    data.add_argument("--cache_dir", default=None, help="Where extracted archives and pixel caches go (default ~/.cache/age_gender).")
+    data.add_argument("--split_ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images (quick runs).")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N validation and test images.")
+    data.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; the cached pixels rarely need any.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="small", choices=sorted(PRESETS), help="Named architecture (see modeling/configuration_age_gender.py).")
+    model.add_argument("--config", default=None, help="A config.json to use instead of --preset.")
+    model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (default: the preset's).")
+    model.add_argument("--gender_label_smoothing", type=float, default=0.1)
+    model.add_argument("--age_label_sigma", type=float, default=2.0, help="Std (years) of the DLDL label distribution.")
+    model.add_argument(
+        "--gender_loss_weight", type=float, default=5.0,
+        help="Weight of the gender cross-entropy; the age loss is in years, so gender needs a weight to be heard.",
+    )
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=45)
+    optim.add_argument("--batch_size", type=int, default=128, help="Per device.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=3e-3)
+    optim.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant"])
+    optim.add_argument("--warmup_epochs", type=float, default=1.0)
+    optim.add_argument("--weight_decay", type=float, default=0.05)
+    optim.add_argument("--max_grad_norm", type=float, default=5.0)
+    optim.add_argument("--augment_strength", type=float, default=1.0, help="0 turns augmentation off.")
+    optim.add_argument("--ema_decay", type=float, default=0.998, help="EMA of weights; 0 turns it off.")
+    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Default: accelerate's setting.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--eval_every", type=int, default=1, help="Evaluate on validation every N epochs.")
+    run.add_argument("--checkpointing_steps", type=int, default=200, help="Also checkpoint every N optimizer steps (0: epoch ends only).")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2)
+    run.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in output_dir/checkpoints.")
+    run.add_argument("--flip_tta", action="store_true", help="Average predictions with the mirror image when evaluating.")
+    run.add_argument("--report_to", default=None, help="Tracker for accelerate (tensorboard, wandb, ...).")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub, e.g. user/age-gender-cnn.")
+    run.add_argument("--hub_token", default=None)
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
+        parser.error("--epochs, --batch_size and --learning_rate must be positive")
+    return args
+
+
+def check_writable(output_dir: Path) -> None:
+    """Refuse an output directory that cannot be written before any time is spent training."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_bytes(b"\0" * 1024 * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to --output_dir {output_dir}: {error}") from error
+
+
+def build_config(args: argparse.Namespace) -> AgeGenderConfig:
+    overrides = {
+        "gender_label_smoothing": args.gender_label_smoothing,
+        "age_label_sigma": args.age_label_sigma,
+        "gender_loss_weight": args.gender_loss_weight,
+    }
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    if args.config:
+        return AgeGenderConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
+    return AgeGenderConfig.from_preset(args.preset, **overrides)
+
+
+def tensors_of(dataset, processor, cache_dir, limit: int | None) -> TensorDataset:
+    if limit is not None:  # a random subset: the rows are sorted by file name, hence by age
+        dataset = dataset.shuffle(seed=0).select(range(min(limit, len(dataset))))
+    pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
+    return TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"]))
+
+
+class EMA:
+    """Exponential moving average of the weights (and buffers), evaluated and shipped instead of the raw
+    weights: it smooths the noise of the last steps of training."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # warm-up: early weights fade fast
+        for shadow, live in zip(self.shadow.state_dict().values(), model.state_dict().values()):
+            if shadow.dtype.is_floating_point:
+                shadow.lerp_(live.detach(), 1 - decay)
+            else:
+                shadow.copy_(live)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state["shadow"])
+        self.updates = state["updates"]
+
+
+class TrainingState:
+    """Counters and history that a checkpoint must carry besides model and optimizer."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+        self.best_score = math.inf
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "best_score": self.best_score, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.best_score, self.history = state["best_score"], state["history"]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def validation_score(metrics: dict) -> float:
+    """Lower is better: age MAE plus 10 x gender error, so one point of gender accuracy weighs as 0.1 year."""
+    return metrics["age_mae"] + 10 * (1 - metrics["gender_accuracy"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    check_writable(output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+
+    config = build_config(args)
+    processor = AgeGenderImageProcessor(image_size=config.image_size)
+    with accelerator.main_process_first():
+        splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
+        train_set = tensors_of(splits["train"], processor, args.cache_dir, args.max_train_samples)
+        val_set = tensors_of(splits["validation"], processor, args.cache_dir, args.max_eval_samples)
+        test_set = tensors_of(splits["test"], processor, args.cache_dir, args.max_eval_samples)
+
+    model = AgeGenderModel(config).to(memory_format=torch.channels_last)
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    # The loader gets a generator of its own: starting an epoch (or a resumed one) then leaves the global RNG,
+    # which drives augmentation and dropout, exactly where the checkpoint left it.
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    val_loader = DataLoader(val_set, batch_size=256, num_workers=args.num_workers)
+    test_loader = DataLoader(test_set, batch_size=256, num_workers=args.num_workers)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_scheduler, int(args.warmup_epochs * steps_per_epoch), total_steps)
+    )
+    model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader, scheduler
+    )
+    if ema is not None:
+        ema.shadow.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+    resume_from_checkpoint(args, accelerator, output_dir)
+
+    parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    accelerator.print(
+        f"device {accelerator.device} x{accelerator.num_processes}, precision {accelerator.mixed_precision}, "
+        f"train/val/test {len(train_set)}/{len(val_set)}/{len(test_set)}, {parameters:,} parameters, "
+        f"{config.image_size}px, {args.epochs} epochs of {steps_per_epoch} steps"
+    )
+    if args.report_to:
+        accelerator.init_trackers("age_gender", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    metric = load_metric()
+    eval_model = lambda: ema.shadow if ema is not None else accelerator.unwrap_model(model)  # noqa: E731
+    start_epoch, skip_batches = state.epoch, state.step - state.epoch * steps_per_epoch
+    for epoch in range(start_epoch, args.epochs):
+        train_metrics = train_one_epoch(
+            args, accelerator, model, ema, optimizer, scheduler, train_loader, processor, state, epoch, skip_batches, output_dir
+        )
+        skip_batches = 0
+        record = {"epoch": epoch + 1, "step": state.step, **{f"train_{k}": v for k, v in train_metrics.items()}}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            predictions = predict_loader(eval_model(), processor, val_loader, accelerator, args.flip_tta)
+            val_metrics = score(predictions, metric)
+            record.update({f"val_{k}": v for k, v in val_metrics.items() if k != "count"})
+            record["val_loss"] = validation_loss(eval_model(), processor, val_loader)
+            if validation_score(val_metrics) < state.best_score:
+                state.best_score = validation_score(val_metrics)
+                record["best"] = True
+                save_best(accelerator, eval_model(), processor, output_dir / "best")
+        state.history.append(record)
+        state.epoch = epoch + 1
+        accelerator.print(json.dumps(record))
+        accelerator.log(record, step=state.step)
+        save_checkpoint(accelerator)
+    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters)
+
+
+def save_checkpoint(accelerator: Accelerator) -> None:
+    """Save the whole training state, then mark it complete: a run killed while saving leaves an unmarked
+    folder that resuming ignores."""
+    folder = accelerator.save_state()
+    if accelerator.is_main_process:
+        (Path(folder) / COMPLETE_MARKER).touch()
+
+
+def resume_from_checkpoint(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path) -> None:
+    checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    if checkpoints and not args.resume:
+        raise SystemExit(
+            f"error: {output_dir} already holds checkpoints; pass --resume to continue, or choose another --output_dir"
+        )
+    complete = [c for c in checkpoints if (c / COMPLETE_MARKER).is_file()]
+    if args.resume and complete:
+        for partial in checkpoints:
+            if partial not in complete and accelerator.is_main_process:
+                accelerator.print(f"removing {partial}: it was interrupted while being saved")
+                shutil.rmtree(partial)
+        accelerator.print(f"resuming from {complete[-1]}")
+        try:
+            accelerator.load_state(str(complete[-1]))
+        except Exception as error:
+            raise SystemExit(f"error: checkpoint {complete[-1]} cannot be loaded ({error}); delete it to resume from an earlier one") from error
+        accelerator.project_configuration.iteration = int(checkpoints[-1].name.split("_")[-1]) + 1
+    elif args.resume:
+        accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting afresh")
+
+
+def train_one_epoch(args, accelerator, model, ema, optimizer, scheduler, loader, processor, state, epoch, skip_batches, output_dir) -> dict:
+    model.train()
+    loader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(loader, skip_batches * args.gradient_accumulation_steps) if skip_batches else loader
+    totals = {"loss": 0.0, "mae": 0.0, "accuracy": 0.0, "count": 0}
+    progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
+    started = time.perf_counter()
+    for pixels, age, gender in progress:
+        with accelerator.accumulate(model):
+            pixel_values = processor.normalize_batch(augment_batch(pixels, args.augment_strength))
+            outputs = model(pixel_values=pixel_values, age=age, gender=gender)
+            if not torch.isfinite(outputs.loss):
+                raise SystemExit(
+                    f"error: the loss became {outputs.loss.item()} at step {state.step}; stopping with the last "
+                    f"checkpoint in {output_dir / 'checkpoints'} intact. Try a lower --learning_rate."
+                )
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            state.step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
+            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator)
+        count = len(age)
+        totals["loss"] += outputs.loss.item() * count
+        totals["mae"] += (outputs.age.detach() - age).abs().sum().item()
+        totals["accuracy"] += (outputs.gender_logits.argmax(-1) == gender).sum().item()
+        totals["count"] += count
+        progress.set_postfix(
+            loss=f"{totals['loss'] / totals['count']:.3f}",
+            mae=f"{totals['mae'] / totals['count']:.2f}",
+            img_s=f"{totals['count'] / (time.perf_counter() - started):.0f}",
+        )
+    seen = max(totals["count"], 1)
+    return {"loss": totals["loss"] / seen, "age_mae": totals["mae"] / seen, "gender_accuracy": totals["accuracy"] / seen}
+
+
+@torch.inference_mode()
+def validation_loss(model, processor, loader) -> float:
+    """The training loss on unaugmented validation faces, for the loss curve."""
+    model.eval()
+    total, count = 0.0, 0
+    for pixels, age, gender in loader:
+        outputs = model(pixel_values=processor.normalize_batch(pixels.permute(0, 3, 1, 2)), age=age, gender=gender)
+        total += outputs.loss.item() * len(age)
+        count += len(age)
+    return total / max(count, 1)
+
+
+def save_best(accelerator: Accelerator, model, processor, folder: Path) -> None:
+    if accelerator.is_main_process:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+
+def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters) -> dict:
+    """Reload the best model, calibrate its age interval on validation, score it on test once and write
+    the model, metrics, curves and card to output_dir."""
+    accelerator.wait_for_everyone()
+    best = AgeGenderModel.from_pretrained(output_dir / "best").to(accelerator.device)
+    val_predictions = predict_loader(best, processor, val_loader, accelerator, args.flip_tta)
+    best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config.age_interval_coverage)
+    test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
+    test_metrics = score(test_predictions, metric)
+    low, high = best.age_interval(torch.from_numpy(test_predictions["age_pred"]), torch.from_numpy(test_predictions["age_std"]))
+    true_age = torch.from_numpy(test_predictions["age_true"])
+    test_metrics["age_interval_coverage"] = float(((true_age >= low) & (true_age <= high)).float().mean())
+    results = {
+        "validation": score(val_predictions, metric),
+        "test": test_metrics,
+        "parameters": parameters,
+        "image_size": best.config.image_size,
+        "flip_tta": args.flip_tta,
+        "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
+        "history": state.history,
+        "command": "accelerate launch training/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    if accelerator.is_main_process:
+        best.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        plot_training_curves(state.history, output_dir / "training_curves.png")
+        write_model_card(output_dir, results, args)
+        accelerator.print(f"test: {json.dumps(test_metrics)}\nsaved to {output_dir}")
+        if args.push_to_hub:
+            try:
+                accelerator.print(push_model_folder(output_dir, args.hub_model_id, token=args.hub_token))
+            except HubUnavailableError as error:
+                raise SystemExit(f"error: {error}") from error
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
