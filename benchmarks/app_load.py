@@ -41,9 +41,9 @@ def start_app(port: int) -> tuple[subprocess.Popen, float]:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
             return process, time.perf_counter() - started
-        except OSError:
+        except OSError as error:
             if process.poll() is not None:
-                raise SystemExit("the app exited during start-up")
+                raise SystemExit("the app exited during start-up") from error
             time.sleep(0.1)
 
 

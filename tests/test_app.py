@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import gradio as gr
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -27,12 +28,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def client(analyzer):
+def server(analyzer):
     demo = build_demo(analyzer)
     port = free_port()
     launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +126,14 @@ def test_webcam_stream_smooths_ages_across_frames(analyzer):
     assert min(first_age, older.age) <= smoothed.age <= max(first_age, older.age)
     assert abs(smoothed.age - first_age) < abs(older.age - first_age) or older.age == first_age
     assert stream_webcam(analyzer, None, tracker)[0] is None
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../../../etc/hostname", str(EXAMPLES / "obama.jpg")])
+def test_a_client_cannot_make_the_server_read_its_own_files(server, client, path):
+    """Only uploaded files are read: a path typed into the request is refused, even one inside the app."""
+    api = f"{server}gradio_api/call/predict"
+    started = httpx.post(api, json={"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, False]}, timeout=30)
+    assert started.status_code == 200
+    events = httpx.get(f"{api}/{started.json()['event_id']}", timeout=60).text
+    assert "event: error" in events and "complete" not in events
+    assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

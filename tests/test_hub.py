@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.hub import HubUnavailableError, push_model_folder, upload_operations

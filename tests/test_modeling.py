@@ -3,7 +3,6 @@ the pipeline, loss, the seed replica, and safe loading."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -247,3 +246,21 @@ def test_animated_gif_uses_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (30, 30), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(path, save_all=True, append_images=frames[1:])
     assert AgeGenderImageProcessor().to_uint8(str(path))[0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize("preset", ["small", "base", "seed"])
+def test_every_preset_builds_and_runs(preset):
+    config = AgeGenderConfig.from_preset(preset)
+    model = AgeGenderModel(config).eval()
+    with torch.inference_mode():
+        out = model(pixel_values=torch.zeros(2, 3, config.image_size, config.image_size))
+    assert out.age.shape == (2,) and out.gender_logits.shape == (2, 2)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown preset"):
+        AgeGenderConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="backbone"):
+        AgeGenderConfig(backbone="vit")
+    with pytest.raises(ValueError, match="same length"):
+        AgeGenderConfig(hidden_sizes=[8, 16], depths=[1])

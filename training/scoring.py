@@ -8,6 +8,7 @@ import evaluate
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "age_gender")
 
@@ -36,7 +37,7 @@ def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: 
     """Predictions and labels for every item of a (prepared) loader, gathered across processes."""
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
-    for pixels, age, gender in loader:
+    for pixels, age, gender in tqdm(loader, desc="Predicting", leave=False, disable=not accelerator.is_local_main_process):
         prediction = predict_batch(model, processor, pixels, flip_tta)
         batch = {
             "age_pred": prediction["age"],

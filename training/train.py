@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -154,18 +153,21 @@ class EMA:
 class TrainingState:
     """Counters and history that a checkpoint must carry besides model and optimizer."""
 
-    def __init__(self):
+    def __init__(self, command: str):
         self.step = 0
         self.epoch = 0
         self.best_score = math.inf
         self.history: list[dict] = []
+        self.command = command
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "best_score": self.best_score, "history": self.history}
+        return {"step": self.step, "epoch": self.epoch, "best_score": self.best_score, "history": self.history, "command": self.command}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch = state["step"], state["epoch"]
         self.best_score, self.history = state["best_score"], state["history"]
+        # The command that started the run is what reproduces it, not the one that resumed it.
+        self.command = state.get("command", self.command)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -214,9 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = AgeGenderModel(config).to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    decay = [p for p in model.parameters() if p.ndim > 1]  # weight decay on weights, not on norms and biases
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ema is not None:
         ema.shadow.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    state = TrainingState()
+    state = TrainingState("accelerate launch training/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     accelerator.register_for_checkpointing(state)
     resume_from_checkpoint(args, accelerator, output_dir)
 
@@ -254,7 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers("age_gender", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     metric = load_metric()
-    eval_model = lambda: ema.shadow if ema is not None else accelerator.unwrap_model(model)  # noqa: E731
+
+    def eval_model() -> AgeGenderModel:
+        """The weights that are evaluated and shipped: the EMA when there is one."""
+        return ema.shadow if ema is not None else accelerator.unwrap_model(model)
+
     start_epoch, skip_batches = state.epoch, state.step - state.epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         train_metrics = train_one_epoch(
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(json.dumps(record))
         accelerator.log(record, step=state.step)
         save_checkpoint(accelerator)
-    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters)
+    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, len(train_set))
 
 
 def save_checkpoint(accelerator: Accelerator) -> None:
@@ -369,7 +374,7 @@ def save_best(accelerator: Accelerator, model, processor, folder: Path) -> None:
         processor.save_pretrained(folder)
 
 
-def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters) -> dict:
+def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, train_size) -> dict:
     """Reload the best model, calibrate its age interval on validation, score it on test once and write
     the model, metrics, curves and card to output_dir."""
     accelerator.wait_for_everyone()
@@ -385,11 +390,12 @@ def finish(args, accelerator, processor, val_loader, test_loader, metric, state,
         "validation": score(val_predictions, metric),
         "test": test_metrics,
         "parameters": parameters,
+        "train_size": train_size,
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
-        "command": "accelerate launch training/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": state.command,
     }
     if accelerator.is_main_process:
         best.save_pretrained(output_dir)
