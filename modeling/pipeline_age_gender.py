@@ -19,6 +19,7 @@ class AgeGenderPipeline(Pipeline):
     _load_image_processor = True
     _load_feature_extractor = False
     _load_tokenizer = False
+    _load_video_processor = False
 
     def _sanitize_parameters(self, **kwargs):
         return {}, {}, {}

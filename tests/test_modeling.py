@@ -264,3 +264,14 @@ def test_bad_configs_are_refused():
         AgeGenderConfig(backbone="vit")
     with pytest.raises(ValueError, match="same length"):
         AgeGenderConfig(hidden_sizes=[8, 16], depths=[1])
+
+
+def test_pipeline_never_prompts_for_remote_code(saved_model, monkeypatch):
+    """The saved config names its code (`auto_map`) for Hub users; locally the registered classes are used
+    and nothing waits on a "run custom code? [y/N]" prompt."""
+
+    def refuse_prompt(*args, **kwargs):
+        raise AssertionError("pipeline() asked a question on stdin")
+
+    monkeypatch.setattr("builtins.input", refuse_prompt)
+    assert pipeline(PIPELINE_TASK, model=str(saved_model))(face_like(4))["gender"] in ("male", "female")
