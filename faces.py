@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,9 @@ class FaceAnalyzer:
         self.min_detection_score = min_detection_score
         self.batch_size = batch_size
         self.device = device
+        # dlib's detector and shape predictor are not thread-safe: two requests at once crashed the server
+        # (benchmarks/app_load.py). One photo at a time also suits torch, which uses every core per photo.
+        self._lock = threading.Lock()
 
     def load_photo(self, image: ImageLike) -> tuple[Image.Image, float]:
         """The photo as RGB, downscaled to `max_side`, and the scale applied."""
@@ -163,6 +167,10 @@ class FaceAnalyzer:
         """Every face in a photo, or the photo as one face when `assume_face_crop` is set. When no face is
         found, `whole_image` holds the prediction for the photo read as a single face crop."""
         rgb, scale = self.load_photo(image)
+        with self._lock:
+            return self._analyze_rgb(rgb, scale, assume_face_crop)
+
+    def _analyze_rgb(self, rgb: Image.Image, scale: float, assume_face_crop: bool) -> PhotoResult:
         if assume_face_crop:
             face = self.predict_faces([rgb])[0]
             face.box = [0, 0, rgb.width, rgb.height]

@@ -48,7 +48,11 @@ def start_app(port: int) -> tuple[subprocess.Popen, float]:
 
 
 def user(url: str, deadline: float, latencies: list[float], errors: list[str]) -> None:
-    client = Client(url, verbose=False)
+    try:
+        client = Client(url, verbose=False)
+    except Exception as error:
+        errors.append(f"connect: {type(error).__name__}: {error}")
+        return
     i = 0
     while time.perf_counter() < deadline:
         started = time.perf_counter()
@@ -90,7 +94,7 @@ def main() -> None:
             before = rss_mb(process.pid)
             latencies, errors = phase(url, users, args.seconds)
             after = rss_mb(process.pid)
-            served = np.asarray(latencies) * 1000
+            served = np.asarray(latencies or [float("nan")]) * 1000
             print(
                 f"  {users} users for {args.seconds:.0f} s: {len(served)} served ({len(served) / args.seconds:.1f}/s), {len(errors)} errors, "
                 f"p50 {np.percentile(served, 50):.0f} ms, p95 {np.percentile(served, 95):.0f} ms, "
