@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 import modeling  # noqa: F401  (registers the model with the Auto classes)
 from modeling.image_processing_age_gender import ImageLike
+from modeling.modeling_age_gender import age_interval_bounds
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
 # UTKFace's crops are dlib face chips: cutting our faces with the same 5-point alignment, chip size and
@@ -257,12 +258,12 @@ class FaceTracker:
 
     @staticmethod
     def as_record(track: Track, face: FaceRecord, config) -> FaceRecord:
-        half_width = config.age_interval_scale * track.age_std
+        low, high = age_interval_bounds(torch.tensor(track.age), torch.tensor(track.age_std), config)
         female = track.female_prob >= 0.5
         return FaceRecord(
             box=face.box,
             age=round(track.age, 1),
-            age_interval=[max(config.min_age, int(np.floor(track.age - half_width))), min(config.max_age, int(np.ceil(track.age + half_width)))],
+            age_interval=[int(low), int(high)],
             age_std=round(track.age_std, 2),
             gender="female" if female else "male",
             gender_score=round(track.female_prob if female else 1 - track.female_prob, 4),

@@ -116,6 +116,23 @@ def gaussian_label_distribution(age: torch.Tensor, ages: torch.Tensor, sigma: fl
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def age_statistics(age_probs: torch.Tensor, min_age: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation in years of distributions over whole years starting at `min_age`."""
+    bins = torch.arange(min_age, min_age + age_probs.shape[-1], device=age_probs.device, dtype=age_probs.dtype)
+    mean = age_probs @ bins
+    variance = age_probs @ bins.square() - mean.square()
+    return mean, variance.clamp_min(1e-6).sqrt()
+
+
+def age_interval_bounds(age: torch.Tensor, age_std: torch.Tensor, config: AgeGenderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-year bounds of the interval meant to hold `config.age_interval_coverage` of true ages, its
+    half-width calibrated on validation data in units of the predicted spread."""
+    half_width = config.age_interval_scale * age_std
+    low = (age - half_width).floor().clamp(config.min_age, config.max_age)
+    high = (age + half_width).ceil().clamp(config.min_age, config.max_age)
+    return low.long(), high.long()
+
+
 class AgeGenderPreTrainedModel(PreTrainedModel):
     config_class = AgeGenderConfig
     base_model_prefix = "age_gender"
@@ -177,11 +194,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         features = self.backbone(pixel_values.contiguous(memory_format=torch.channels_last))
         age_logits = self.age_head(features).float()
         gender_logits = self.gender_head(features).float()
-        age_probs = age_logits.softmax(dim=-1)
-        bins = self.age_bins(age_logits.device)
-        expected_age = age_probs @ bins
-        variance = age_probs @ bins.square() - expected_age.square()
-        age_std = variance.clamp_min(1e-6).sqrt()
+        expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
 
         loss = None
         if age is not None and gender is not None:
@@ -194,12 +207,8 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def age_interval(self, age: torch.Tensor, age_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-year bounds of the interval meant to hold `config.age_interval_coverage` of true ages, its
-        half-width calibrated on validation data in units of the predicted spread."""
-        half_width = self.config.age_interval_scale * age_std
-        low = (age - half_width).floor().clamp(self.config.min_age, self.config.max_age)
-        high = (age + half_width).ceil().clamp(self.config.min_age, self.config.max_age)
-        return low.long(), high.long()
+        """See `age_interval_bounds`."""
+        return age_interval_bounds(age, age_std, self.config)
 
     def age_loss(self, age_logits: torch.Tensor, expected_age: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """DLDL-v2 (Gao et al., "Age Estimation Using Expectation of Label Distribution Learning", IJCAI 2018):

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from modeling.modeling_age_gender import age_statistics
+
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "age_gender")
 
 
@@ -26,9 +28,7 @@ def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False
     views = [pixels, pixels.flip(-1)] if flip_tta else [pixels]
     outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
     age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
-    bins = torch.arange(model.config.min_age, model.config.max_age + 1, device=age_probs.device, dtype=age_probs.dtype)
-    age = age_probs @ bins
-    age_std = (age_probs @ bins.square() - age.square()).clamp_min(1e-6).sqrt()
+    age, age_std = age_statistics(age_probs, model.config.min_age)
     gender_probs = torch.stack([o.gender_logits.softmax(-1) for o in outputs]).mean(0)
     return {"age": age, "age_std": age_std, "gender_probs": gender_probs, "age_probs": age_probs}
 
