@@ -89,7 +89,10 @@ def main() -> None:
     try:
         print(f"Machine: {machine()}")
         print(f"  app ready to serve {startup:.1f} s after `python app.py`")
-        phase(url, 2, 5)  # warm up
+        ready = rss_mb(process.pid)
+        phase(url, 2, 5)  # warm up: first requests load encoders and fill caches, which is not growth
+        run_start = rss_mb(process.pid)
+        print(f"  server memory {ready:.0f} MB when ready, {run_start:.0f} MB after a 5 s warm-up with 2 users")
         for users in args.users:
             before = rss_mb(process.pid)
             latencies, errors = phase(url, users, args.seconds)
@@ -102,6 +105,8 @@ def main() -> None:
             )
             for error in sorted(set(errors))[:5]:
                 print(f"    error: {error}")
+        run_end = rss_mb(process.pid)
+        print(f"  over the whole run: server memory {run_start:.0f} -> {run_end:.0f} MB ({(run_end - run_start) / run_start:+.1%})")
         print(f"  server still serving: {process.poll() is None}")
     finally:
         process.terminate()

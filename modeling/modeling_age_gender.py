@@ -191,7 +191,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
             age: true ages in years, for the loss.
             gender: true gender ids (0 male, 1 female), for the loss.
         """
-        features = self.backbone(pixel_values.contiguous(memory_format=torch.channels_last))
+        features = self.backbone(pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last))
         age_logits = self.age_head(features).float()
         gender_logits = self.gender_head(features).float()
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -10,7 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from app import build_demo, launch, predict_photo, stream_webcam
+from app import build_demo, cache_image_atomically, launch, limit_malloc_arenas, predict_photo, stream_webcam
 from bad_inputs import make_bad_files
 from conftest import EXAMPLES, require_shipped_model
 from faces import FaceAnalyzer, FaceTracker
@@ -137,3 +141,51 @@ def test_a_client_cannot_make_the_server_read_its_own_files(server, client, path
     events = httpx.get(f"{api}/{started.json()['event_id']}", timeout=60).text
     assert "event: error" in events and "complete" not in events
     assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
+
+
+def test_a_shared_output_file_is_never_seen_half_written(tmp_path):
+    """Users who send the same photo share one cached output file; while one request writes it, another may
+    be serving it (benchmarks/app_load.py saw truncated downloads when gradio rewrote it in place)."""
+    image = Image.open(EXAMPLES / "astronaut.jpg").convert("RGB")
+    path = Path(cache_image_atomically(image, str(tmp_path), "png"))
+    expected = path.read_bytes()
+    stop = threading.Event()
+    partial_reads: list[int] = []
+
+    def read_while_written() -> None:
+        while not stop.is_set():
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if data != expected:
+                partial_reads.append(len(data))
+
+    readers = [threading.Thread(target=read_while_written) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for _ in range(30):
+            path.unlink()
+            assert cache_image_atomically(image, str(tmp_path), "png") == str(path)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert partial_reads == []
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging files left behind
+
+
+def test_concurrent_users_sending_the_same_photo_all_get_the_whole_result(server):
+    def one_user(_: int) -> list[int]:
+        user = Client(server, verbose=False)
+        return [len(Path(call_api(user, EXAMPLES / "astronaut.jpg")[0]).read_bytes()) for _ in range(3)]
+
+    with ThreadPoolExecutor(6) as pool:
+        sizes = [size for sizes in pool.map(one_user, range(6)) for size in sizes]
+    assert len(sizes) == 18 and len(set(sizes)) == 1
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_malloc_arenas_are_capped_on_glibc():
+    assert limit_malloc_arenas() is True

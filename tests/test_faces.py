@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import EXAMPLES, require_shipped_model
-from faces import CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, annotate, box_iou
+from faces import CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, annotate, box_iou, native_bfloat16, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,20 @@ def test_tracker_smooths_a_face_and_starts_new_ones_fresh():
     smoothed = tracker.update([record(40, "male", [12, 11, 62, 61]), record(70, "female", [200, 10, 250, 60])], Config)
     assert smoothed[1].age == 70 and smoothed[1].gender == "female"
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+
+
+def test_bfloat16_gives_the_float32_answers_within_a_year():
+    photo = EXAMPLES / "three_portraits.jpg"
+    exact = FaceAnalyzer(require_shipped_model(), dtype="float32").analyze(photo).faces
+    fast = FaceAnalyzer(require_shipped_model(), dtype="bfloat16").analyze(photo).faces
+    assert [f.box for f in fast] == [f.box for f in exact] and len(exact) == 3
+    for a, b in zip(exact, fast):
+        assert abs(a.age - b.age) < 1.0 and a.gender == b.gender and abs(a.gender_score - b.gender_score) < 0.02
+
+
+def test_auto_dtype_uses_bfloat16_only_where_the_cpu_computes_it():
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native_bfloat16("cpu") else torch.float32)
+    assert resolve_dtype("auto", "cuda") == torch.float32
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32' or 'bfloat16'"):
+        resolve_dtype("float16", "cpu")

@@ -166,6 +166,16 @@ def test_processor_honours_exif_orientation(tmp_path):
     assert processor.load_rgb(path).size == (40, 20)
 
 
+def test_bfloat16_weights_take_float32_pixels_and_give_float32_answers(saved_model):
+    exact = AutoModel.from_pretrained(saved_model).eval()
+    fast = AutoModel.from_pretrained(saved_model, dtype=torch.bfloat16).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = exact(pixel_values=pixels), fast(pixel_values=pixels)
+    assert fast.dtype == torch.bfloat16 and b.age.dtype == b.age_std.dtype == b.gender_logits.dtype == torch.float32
+    assert torch.allclose(a.age, b.age, atol=1.0)
+
+
 def test_batch_gives_the_same_results_as_single_images(saved_model):
     model = AutoModel.from_pretrained(saved_model).eval()
     processor = AutoImageProcessor.from_pretrained(saved_model)

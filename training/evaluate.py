@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split_ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1])
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--flip_tta", action="store_true", help="Average with the mirror image.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Weights and activations; bfloat16 is how faces.py runs on CPUs with native bf16.")
     parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
     return parser.parse_args(argv)
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
-    model = AutoModel.from_pretrained(args.model).to(accelerator.device).eval()
+    model = AutoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(accelerator.device).eval()
     processor = AutoImageProcessor.from_pretrained(args.model)
     splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios))
     from datasets import concatenate_datasets
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
-    report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta})
+    report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report, f"{args.model} on the {args.split} split"))
     plot_age_errors(predictions, AGE_BANDS, out)
