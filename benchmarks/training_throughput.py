@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import machine, timings_ms  # noqa: E402
+from faces import native_bfloat16  # noqa: E402
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel  # noqa: E402
 from training.augment import augment_batch  # noqa: E402
 
@@ -36,17 +37,23 @@ def main() -> None:
     def input_side():
         return processor.normalize_batch(augment_batch(pixels))
 
-    def step():
-        loss = model(pixel_values=input_side(), age=age, gender=gender).loss
+    def step(bf16: bool):
+        # What `--mixed_precision bf16` makes Accelerate do: the forward pass under bfloat16 autocast.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixel_values=input_side(), age=age, gender=gender).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
     print(f"Machine: {machine()}; preset {args.preset}, {config.image_size}px, batch {args.batch_size}")
     input_ms = timings_ms(input_side, repeats=args.steps * 3)
-    step_ms = timings_ms(step, repeats=args.steps, warmup=2)
     print(f"  input (augment + normalise): {args.batch_size / input_ms.mean() * 1000:,.0f} images/s")
-    print(f"  training step (input, forward, backward, AdamW): {args.batch_size / step_ms.mean() * 1000:,.0f} images/s")
+    for bf16 in (False, True) if native_bfloat16("cpu") else (False,):
+        step_ms = timings_ms(lambda bf16=bf16: step(bf16), repeats=args.steps, warmup=2)
+        print(
+            f"  training step (input, forward, backward, AdamW), {'bf16 mixed precision' if bf16 else 'float32'}: "
+            f"{args.batch_size / step_ms.mean() * 1000:,.0f} images/s"
+        )
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ from __future__ import annotations
 import platform
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import app
 import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client, handle_file
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app import build_demo, cache_image_atomically, launch, limit_malloc_arenas, predict_photo, stream_webcam
 from bad_inputs import make_bad_files
@@ -189,3 +191,22 @@ def test_concurrent_users_sending_the_same_photo_all_get_the_whole_result(server
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_malloc_arenas_are_capped_on_glibc():
     assert limit_malloc_arenas() is True
+
+
+def test_uploads_and_results_leave_the_cache_once_old(analyzer, monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "CACHE_LIFETIME", (1, 1))  # the app's (3600, 7200), in seconds for the test
+    photo = tmp_path / "someones_photo.jpg"
+    ImageOps.mirror(Image.open(EXAMPLES / "obama.jpg")).save(photo)  # not an example: those stay cached
+    demo = build_demo(analyzer)
+    port = free_port()
+    launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
+    try:
+        call_api(Client(f"http://127.0.0.1:{port}/", verbose=False), photo)
+        created = {Path(f) for files in demo.temp_file_sets for f in files if Path(f).suffix == ".jpeg" or Path(f).name == photo.name}
+        assert {f.name for f in created} == {photo.name, "image.jpeg"} and all(f.exists() for f in created)  # upload, result
+        deadline = time.monotonic() + 15
+        while any(f.exists() for f in created) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(f.exists() for f in created)
+    finally:
+        demo.close()

@@ -43,6 +43,7 @@ def finished_run(training_data, tmp_path_factory) -> Path:
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900,
     )
     assert "the Hub is offline" in result.stderr, result.stderr[-3000:]  # push is tried last, after saving
+    (output_dir.parent / "stdout.txt").write_text(result.stdout)
     return output_dir
 
 
@@ -57,6 +58,12 @@ def test_accelerate_run_writes_every_output(finished_run):
     assert "accelerate launch training/train.py" in card and "Intended use and limitations" in card
     config = json.loads((finished_run / "config.json").read_text())
     assert config["age_interval_scale"] > 0
+
+
+def test_one_cpu_process_uses_every_core_despite_the_launcher(finished_run):
+    """env() sets OMP_NUM_THREADS=1, as `accelerate launch` does without a config file."""
+    stdout = (finished_run.parent / "stdout.txt").read_text()
+    assert f"device cpu x1 ({len(os.sched_getaffinity(0))} threads)" in stdout
 
 
 def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run, tmp_path):
@@ -115,6 +122,8 @@ def test_missing_dataset_names_what_was_expected(tmp_path):
 def test_bad_arguments_are_refused(training_data, tmp_path):
     result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "o"), "--epochs", "0")
     assert result.returncode == 2 and "must be positive" in result.stderr
+    result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "o"), "--num_threads", "0")
+    assert result.returncode == 2 and "--num_threads must be positive" in result.stderr
     result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "o"), "--push_to_hub")
     assert result.returncode == 2 and "--hub_model_id" in result.stderr
 
