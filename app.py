@@ -236,6 +236,15 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return libc.mallopt(M_ARENA_MAX, arenas) == 1
 
 
+def load_analyzer(model: str, dtype: str) -> FaceAnalyzer:
+    """The analyzer, or an exit with a message that says what was tried instead of a traceback."""
+    try:
+        return FaceAnalyzer(model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        where = "" if Path(model).is_dir() else "there is no such folder, and as a Hub id: "
+        raise SystemExit(f"error: could not load a model from {model!r}: {where}{error}") from error
+
+
 def launch(demo: gr.Blocks, **kwargs):
     """Queue and limits shared by `python app.py` and the tests: bounded uploads and a bounded queue, so many
     users are served one after another instead of exhausting memory."""
@@ -247,7 +256,7 @@ if __name__ == "__main__":
     limit_malloc_arenas()
     args = parse_args()
     started = time.perf_counter()
-    analyzer = FaceAnalyzer(args.model, dtype=args.dtype)
+    analyzer = load_analyzer(args.model, args.dtype)
     config = analyzer.model.config
     print(
         f"Loaded {args.model}: {config.backbone} backbone, {config.image_size}px, "

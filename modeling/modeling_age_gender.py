@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -157,9 +158,14 @@ class AgeGenderPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Weights come only from safetensors: a pickle file in a model folder is never unpickled."""
+        """Weights come only from safetensors: a pickle file in a model folder is never unpickled. A damaged
+        weights file is named in the error, which safetensors itself does not do."""
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(*args, **kwargs)
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(f"the weights file model.safetensors of {source} is corrupt or truncated ({error})") from error
 
 
 class AgeGenderModel(AgeGenderPreTrainedModel):

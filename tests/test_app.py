@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,7 @@ from PIL import Image, ImageOps
 
 from app import build_demo, cache_image_atomically, launch, limit_malloc_arenas, predict_photo, stream_webcam
 from bad_inputs import make_bad_files
-from conftest import EXAMPLES, require_shipped_model
+from conftest import EXAMPLES, ROOT, require_shipped_model
 from faces import FaceAnalyzer, FaceTracker
 
 
@@ -210,3 +213,48 @@ def test_uploads_and_results_leave_the_cache_once_old(analyzer, monkeypatch, tmp
         assert not any(f.exists() for f in created)
     finally:
         demo.close()
+
+
+def test_python_app_py_serves_as_users_start_it():
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "AGE_GENDER_DTYPE": "float32"}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                user = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except (httpx.HTTPError, ValueError, OSError):
+                assert process.poll() is None and time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.5)
+        payload = call_api(user, EXAMPLES / "obama.jpg")[3]
+        assert len(payload["faces"]) == 1
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "torch.float32" in output  # AGE_GENDER_DTYPE chose the precision
+
+
+def test_a_missing_model_folder_is_named_without_a_traceback(tmp_path):
+    missing = tmp_path / "no_model_here"
+    result = subprocess.run(
+        [sys.executable, "app.py", "--model", str(missing)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"could not load a model from {str(missing)!r}: there is no such folder" in result.stderr
+
+
+def test_a_truncated_model_is_named_without_a_traceback(tmp_path):
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (broken / name).write_bytes((require_shipped_model() / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((require_shipped_model() / "model.safetensors").read_bytes()[:100_000])
+    result = subprocess.run(
+        [sys.executable, "app.py", "--model", str(broken)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"model.safetensors of {broken} is corrupt or truncated" in result.stderr
