@@ -89,7 +89,7 @@ def native_bfloat16(device: str) -> bool:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """"float32", "bfloat16", or "auto": bfloat16 where the CPU has it natively. On the shipped model's test
-    split bfloat16 changed age MAE by +0.005 years and no gender (training/evaluate.py --dtype), and doubled
+    split bfloat16 changed age MAE by +0.005 years and no gender (training/evaluate.py --dtype), at 1.8x the
     faces/s on this project's CPU (benchmarks/inference.py)."""
     if dtype == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32

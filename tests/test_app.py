@@ -236,12 +236,16 @@ def test_python_app_py_serves_as_users_start_it():
     assert "torch.float32" in output  # AGE_GENDER_DTYPE chose the precision
 
 
-def test_a_missing_model_folder_is_named_without_a_traceback(tmp_path):
-    missing = tmp_path / "no_model_here"
-    result = subprocess.run(
-        [sys.executable, "app.py", "--model", str(missing)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+def start_app_with_model(model: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "app.py", "--model", str(model)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True, text=True, timeout=120,
     )
+
+
+def test_a_missing_model_folder_is_named_without_a_traceback(tmp_path):
+    missing = tmp_path / "no_model_here"
+    result = start_app_with_model(missing)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"could not load a model from {str(missing)!r}: there is no such folder" in result.stderr
 
@@ -252,9 +256,6 @@ def test_a_truncated_model_is_named_without_a_traceback(tmp_path):
     for name in ("config.json", "preprocessor_config.json"):
         (broken / name).write_bytes((require_shipped_model() / name).read_bytes())
     (broken / "model.safetensors").write_bytes((require_shipped_model() / "model.safetensors").read_bytes()[:100_000])
-    result = subprocess.run(
-        [sys.executable, "app.py", "--model", str(broken)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=120,
-    )
+    result = start_app_with_model(broken)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"model.safetensors of {broken} is corrupt or truncated" in result.stderr

@@ -86,12 +86,16 @@ def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run
         assert (expected[name] == actual[name]).all(), name
 
 
-def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_path):
-    out = tmp_path / "report"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(finished_run), "--data", str(training_data), "--split", "all", "--out", str(out), "--cache_dir", str(training_data.parent / "cache"), "--update_card"],
+def run_evaluate(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(model), "--data", str(data), "--split", "all", "--out", str(out), "--cache_dir", str(data.parent / "cache"), *extra],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
     )
+
+
+def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_path):
+    out = tmp_path / "report"
+    result = run_evaluate(finished_run, training_data, out, "--update_card")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["overall"]["count"] == sum(g["count"] for g in report["gender"].values())
@@ -100,6 +104,12 @@ def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_pa
     for chart in ("predicted_vs_true_age.png", "mae_by_age.png"):
         assert (out / chart).stat().st_size > 1000
     assert "By age band" in (finished_run / "README.md").read_text()
+
+    in_bfloat16 = run_evaluate(finished_run, training_data, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert in_bfloat16.returncode == 0, in_bfloat16.stderr[-3000:]
+    bf16_report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert bf16_report["dtype"] == "bfloat16" and bf16_report["overall"]["count"] == report["overall"]["count"]
+    assert abs(bf16_report["overall"]["age_mae"] - report["overall"]["age_mae"]) < 1.0
 
 
 def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
