@@ -117,9 +117,15 @@ def gaussian_label_distribution(age: torch.Tensor, ages: torch.Tensor, sigma: fl
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def age_bins(min_age: int, num_ages: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The age of each bin in years. Made on the fly, not kept as a buffer: transformers builds models on the
+    meta device when loading, which would leave a non-persistent buffer uninitialised."""
+    return torch.arange(min_age, min_age + num_ages, device=device, dtype=dtype)
+
+
 def age_statistics(age_probs: torch.Tensor, min_age: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation in years of distributions over whole years starting at `min_age`."""
-    bins = torch.arange(min_age, min_age + age_probs.shape[-1], device=age_probs.device, dtype=age_probs.dtype)
+    bins = age_bins(min_age, age_probs.shape[-1], age_probs.device, age_probs.dtype)
     mean = age_probs @ bins
     variance = age_probs @ bins.square() - mean.square()
     return mean, variance.clamp_min(1e-6).sqrt()
@@ -178,11 +184,6 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         self.gender_head = PredictionHead(self.backbone.out_features, 2, config)
         self.post_init()
 
-    def age_bins(self, device: torch.device) -> torch.Tensor:
-        """The age of each bin in years. Made on the fly, not kept as a buffer: transformers builds models on
-        the meta device when loading, which would leave a non-persistent buffer uninitialised."""
-        return torch.arange(self.config.min_age, self.config.max_age + 1, device=device, dtype=torch.float32)
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -221,6 +222,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         KL divergence from a Gaussian label distribution, plus an L1 term on the expected age, so that the
         distribution is learnt and its mean is pulled to the true age."""
         age = age.float().clamp(self.config.min_age, self.config.max_age)
-        target = gaussian_label_distribution(age, self.age_bins(age.device), self.config.age_label_sigma)
+        bins = age_bins(self.config.min_age, self.config.num_ages, age.device)
+        target = gaussian_label_distribution(age, bins, self.config.age_label_sigma)
         kl = F.kl_div(age_logits.log_softmax(dim=-1), target, reduction="batchmean")
         return kl + self.config.age_l1_weight * F.l1_loss(expected_age, age)
