@@ -21,9 +21,10 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image
 
-from faces import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, FaceTracker, PhotoResult, annotate
+from faces import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, FaceTracker, PhotoResult, annotate, face_colour, face_label
 from modeling import InvalidImageError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -35,22 +36,22 @@ OUTPUT_QUALITY = 92
 # server (a Space) does not fill its disk with every photo it was ever sent.
 CACHE_LIFETIME = (3600, 7200)
 TABLE_COLUMNS = ["face", "age", "interval", "gender", "confidence"]
+MAX_CHART_FACES = 10  # more curves than this are unreadable; the table lists every face
+EXAMPLE_PHOTOS = ("three_portraits.jpg", "obama.jpg", "astronaut.jpg", "chelsea_the_cat.jpg")
+# Browsers send a webcam frame this often; one 640x480 frame takes about 30 ms to analyse here.
+WEBCAM_INTERVAL = 0.2
 logger = logging.getLogger("age_gender_app")
 
 
 class PhotoInput(gr.Image):
-    """gr.Image whose upload errors (not an image, a decompression bomb) reach the user as a clear message
-    instead of a server error."""
+    """gr.Image that hands over the uploaded file as it is, undecoded: `FaceAnalyzer` reads it (EXIF rotation,
+    any mode, size limits) and says clearly what is wrong with a file that is not a readable image, so that the
+    page can show the message and clear the input instead of a server error."""
 
     is_template = True
 
     def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError as error:
-            raise gr.Error(f"This image is too large to decode safely ({error}).") from error
-        except Exception as error:
-            raise gr.Error("This file is not an image that can be read (supported: JPEG, PNG, WebP, GIF, BMP, TIFF).") from error
+        return None if payload is None else payload.path
 
 
 class AnnotatedImage(gr.Image):
@@ -87,37 +88,56 @@ def cache_image_atomically(image: Image.Image, cache_dir: str, image_format: str
     return str(path.resolve())
 
 
-def faces_table(faces: list[FaceRecord]) -> pd.DataFrame:
+def faces_table(faces: list[FaceRecord]):
+    """One row per face, numbered as on the photo, the number cell in the face's colour."""
     rows = [
-        [i + 1, round(f.age, 1), f"{f.age_interval[0]}-{f.age_interval[1]}", f.gender, round(f.gender_score, 3)]
+        [i + 1, round(f.age), f"{f.age_interval[0]}-{f.age_interval[1]}", f.gender, f"{f.gender_score:.0%}"]
         for i, f in enumerate(faces)
     ]
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    colours = [f"background-color: {face_colour(i)}; color: white; font-weight: bold" for i in range(len(faces))]
+    return table.style.apply(lambda column: colours, subset=["face"])
 
 
-def age_distribution_frame(faces: list[FaceRecord], min_age: int) -> pd.DataFrame:
-    """Long-form age distributions of up to 8 faces, for the line plot."""
-    frames = [
-        pd.DataFrame({"age": np.arange(min_age, min_age + len(f.age_distribution)), "probability": f.age_distribution, "face": f"face {i + 1}"})
-        for i, f in enumerate(faces[:8])
-    ]
-    return pd.concat(frames) if frames else pd.DataFrame({"age": [], "probability": [], "face": []})
+def age_chart(faces: list[FaceRecord], min_age: int) -> Figure | None:
+    """Each face's age distribution in its colour, on an age axis that spans the faces shown."""
+    if not faces:
+        return None
+    ages = np.arange(min_age, min_age + len(faces[0].age_distribution))
+    low = min(f.age_interval[0] for f in faces) - 10
+    high = max(f.age_interval[1] for f in faces) + 10
+    figure = Figure(figsize=(8, 2.8), layout="constrained")
+    axes = figure.add_subplot()
+    for i, face in enumerate(faces[:MAX_CHART_FACES]):
+        axes.plot(ages, face.age_distribution, color=face_colour(i), linewidth=2, label=face_label(i, face))
+        axes.fill_between(ages, face.age_distribution, color=face_colour(i), alpha=0.12)
+    axes.set_xlim(max(min_age, low), min(ages[-1], high))
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel("age (years)")
+    axes.set_ylabel("probability")
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=9)
+    return figure
 
 
 def summary_message(result: PhotoResult, seconds: float) -> str:
+    width, height = result.size
     if result.whole_image is not None:
         w = result.whole_image
         return (
-            f"**No face found.** Read as one face crop, the whole photo gives {w.gender} {w.age:.0f} "
-            f"({w.age_interval[0]}-{w.age_interval[1]}); tick *This photo is already a face crop* if it is one."
+            f"**No face found** in this {width}x{height} photo. If it is a close-up of one face, tick *This photo is "
+            f"already a face crop*: read that way, the model would say {w.gender}, {w.age:.0f} "
+            f"({w.age_interval[0]}-{w.age_interval[1]})."
         )
-    downscaled = f" (downscaled by {result.scale:.2f} for detection)" if result.scale < 1 else ""
-    return f"Found {len(result.faces)} face{'s' if len(result.faces) != 1 else ''} in {seconds * 1000:.0f} ms{downscaled}."
+    count = len(result.faces)
+    numbered = " Numbers on the photo match the table and the chart (rows top to bottom, left to right)." if count > 1 else ""
+    return f"Found {count} face{'s' if count != 1 else ''} in {seconds * 1000:.0f} ms ({width}x{height} photo).{numbered}"
 
 
 def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False):
     """Detect, align and label every face. Returns the annotated photo, a table, the age distributions, the
-    faces as JSON (box, age, interval, gender, confidence) and a message; bad input raises gr.Error."""
+    faces as JSON (box and landmarks in the sent photo's pixels, age, interval, gender, confidence) and a
+    message; bad input raises gr.Error."""
     if image_path is None:
         raise gr.Error("Upload a photo first.")
     started = time.perf_counter()
@@ -128,31 +148,43 @@ def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: 
     except Exception as error:
         logger.exception("failed on an upload")
         raise gr.Error(f"Could not process this image ({type(error).__name__}).") from error
-    shown = result.faces or ([result.whole_image] if result.whole_image else [])
     payload = {
         "faces": [face.to_json() for face in result.faces],
         "whole_image": result.whole_image.to_json() if result.whole_image else None,
-        "image_size": list(result.image.size),
-        "scale": result.scale,
+        "image_size": list(result.size),
     }
     return (
         annotate(result.image, result.faces),
-        faces_table(shown),
-        age_distribution_frame(shown, analyzer.model.config.min_age),
+        faces_table(result.faces),
+        age_chart(result.faces, analyzer.model.config.min_age),
         payload,
         summary_message(result, time.perf_counter() - started),
     )
 
 
+def predict_photo_on_page(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False):
+    """`predict_photo` for the page: a bad file leaves the page clean, with the message, the photo input
+    emptied and empty results, instead of error badges on every output."""
+    if image_path is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    try:
+        return gr.skip(), *predict_photo(analyzer, image_path, is_face_crop)
+    except gr.Error as error:
+        gr.Warning(error.message)
+        return None, None, faces_table([]), None, None, f"**This file could not be used:** {error.message}"
+
+
 def stream_webcam(analyzer: FaceAnalyzer, frame: np.ndarray | None, tracker: FaceTracker | None):
-    """Label a webcam frame, smoothing ages and genders across frames; also returns the labels as text."""
+    """Label a webcam frame, smoothing ages and genders across frames; also returns the labels as text, with
+    the frames per second the stream reaches."""
     tracker = tracker or FaceTracker()
     if frame is None:
         return None, "", tracker
     result = analyzer.analyze(frame)
     faces = tracker.update(result.faces, analyzer.model.config)
-    labels = ", ".join(face.label for face in faces) or "no face in view"
-    return annotate(result.image, faces), labels, tracker
+    labels = ", ".join(face_label(i, face) for i, face in enumerate(faces)) or "no face in view"
+    rate = tracker.frame_rate()
+    return annotate(result.image, faces), labels + (f"  ·  {rate:.1f} frames/s" if rate else ""), tracker
 
 
 def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
@@ -160,6 +192,14 @@ def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
 
     def on_photo(image_path: str | None, is_face_crop: bool = False):
         return predict_photo(analyzer, image_path, is_face_crop)
+
+    def on_photo_page(image_path: str | None, is_face_crop: bool = False):
+        return predict_photo_on_page(analyzer, image_path, is_face_crop)
+
+    def on_example(image_path: str):
+        """An example is a whole photo: detection on, whatever the box said before."""
+        photo_update, *results = predict_photo_on_page(analyzer, image_path, False)
+        return photo_update, False, *results
 
     def on_frame(frame: np.ndarray | None, tracker: FaceTracker | None):
         return stream_webcam(analyzer, frame, tracker)
@@ -177,23 +217,37 @@ def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
                     is_crop = gr.Checkbox(label="This photo is already a face crop (skip detection)")
                     run = gr.Button("Estimate", variant="primary")
                 with gr.Column():
-                    annotated = AnnotatedImage(label="Faces", format="jpeg", type="pil", height=420, buttons=["download"])
+                    annotated = AnnotatedImage(label="Faces", format="jpeg", type="pil", height=420, buttons=["download", "fullscreen"])
                     message = gr.Markdown()
-            table = gr.Dataframe(label="One row per face", headers=TABLE_COLUMNS, interactive=False)
-            distribution = gr.LinePlot(x="age", y="probability", color="face", label="Age distribution", height=260)
-            details = gr.JSON(label="JSON", visible=False)
-            outputs = [annotated, table, distribution, details, message]
-            run.click(on_photo, [photo, is_crop], outputs, api_name="predict", concurrency_limit=2)
-            photo.upload(on_photo, [photo, is_crop], outputs, api_visibility="private", concurrency_limit=2)
-            gr.Examples(
-                examples=[[str(EXAMPLES_DIR / name), False] for name in ("three_portraits.jpg", "obama.jpg", "astronaut.jpg", "chelsea_the_cat.jpg")],
-                inputs=[photo, is_crop],
-                outputs=outputs,
-                fn=on_photo,
-                cache_examples=True,
-                cache_mode="lazy",
+            table = gr.Dataframe(
+                label="One row per face, numbered as on the photo", headers=TABLE_COLUMNS, interactive=False, wrap=True,
+                column_widths=["14%", "14%", "22%", "22%", "28%"],
             )
+            chart = gr.Plot(label="Age distribution of each face", format="png")
+            details = gr.JSON(label="JSON", visible=False)
+            outputs = [annotated, table, chart, details, message]
+            page_events = dict(fn=on_photo_page, inputs=[photo, is_crop], outputs=[photo, *outputs], api_visibility="private", concurrency_limit=2)
+            run.click(**page_events)
+            photo.upload(**page_events)
+            is_crop.input(**page_events)  # a user's tick re-runs; an example resetting it does not
+            gr.Examples(
+                examples=[[str(EXAMPLES_DIR / name)] for name in EXAMPLE_PHOTOS],
+                inputs=[photo],
+                outputs=[photo, is_crop, *outputs],
+                fn=on_example,
+                cache_examples=False,
+                run_on_click=True,
+                label="Examples (click one)",
+            )
+            # The API endpoint: the same analysis, with errors raised to the caller instead of shown on the page.
+            api_trigger = gr.Button(visible=False)
+            api_trigger.click(on_photo, [photo, is_crop], outputs, api_name="predict", concurrency_limit=2)
         with gr.Tab("Webcam"):
+            gr.Markdown(
+                "Click the camera area and allow the browser to use your camera, then press the record button to "
+                "start labelling and stop to end. Frames are analysed about five times a second; the rate reached "
+                "is shown under the labels."
+            )
             tracker = gr.State(None)
             with gr.Row():
                 camera = gr.Image(
@@ -206,7 +260,7 @@ def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
                 with gr.Column():
                     live = AnnotatedImage(label="Live labels", format="jpeg", type="pil")
                     live_labels = gr.Textbox(label="Faces in view", interactive=False)
-            camera.stream(on_frame, [camera, tracker], [live, live_labels, tracker], stream_every=0.5, time_limit=300, concurrency_limit=4)
+            camera.stream(on_frame, [camera, tracker], [live, live_labels, tracker], stream_every=WEBCAM_INTERVAL, time_limit=300, concurrency_limit=4)
     return demo
 
 

@@ -35,7 +35,7 @@ def p50_p95(samples: np.ndarray) -> str:
     return f"p50 {np.percentile(samples, 50):.1f} ms, p95 {np.percentile(samples, 95):.1f} ms"
 
 
-# Head-and-shoulders boxes (3:4) around the faces dlib finds in two examples, so that five side by side in a
+# Head-and-shoulders boxes (3:4) around the faces in two examples, so that five side by side in a
 # 640x480 photo are about 60 px wide, as in a group photo, rather than too small to detect.
 HEAD_BOXES = {"obama.jpg": (110, 0, 410, 390), "astronaut.jpg": (140, 20, 390, 345)}
 

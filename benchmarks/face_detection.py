@@ -1,14 +1,19 @@
-"""Face detection and framing, measured on a test built here from UTKFace's test split.
+"""Face detection, framing and real-photo gender, measured on real photos.
 
-    python benchmarks/face_detection.py --data ../shared/datasets/UTKFace.tar.gz
+    python benchmarks/face_detection.py [--wider ../shared/datasets/wider-dev] [--data UTKFace.tar.gz]
 
-1. Framing: each UTKFace crop is placed on a larger canvas (edges extended), detected, and cut again with
-   dlib's 5-point face chip at several paddings; the padding whose chip is closest to the original crop is
-   the framing that photo inference should use.
-2. Recall: UTKFace faces shrunk to 40-200 px are pasted at random places on non-face backgrounds; a face
-   counts as found when a detection overlaps it (IoU >= 0.3). False detections are counted on the same
-   backgrounds with no face pasted. Reported per minimum detection score.
-3. Speed of the detector at 640x480 and 1920x1080.
+1. Detection on wider-dev (WIDER FACE validation photos: 296 portraits with 1-6 faces of 64 px and over, 100
+   group photos with 7-20 faces): recall by face height for each subset, extra boxes per photo (boxes that
+   match no labelled face), for several minimum detection scores; the photos are given to `FaceAnalyzer` at
+   their own size, and its boxes are compared in their pixels.
+2. Gender of the found faces against WIDER's perceived gender (Male or Female), through the whole app path:
+   detect, align, predict.
+3. Framing: UTKFace test crops laid on a larger canvas (edges repeated), found and cut again by the app's
+   detector and aligner; the mean absolute pixel difference to the original says how close the app's framing
+   is to the training faces'. `--template` instead prints the median landmark positions in UTKFace's crops,
+   the alignment template in faces/alignment.py.
+4. Time per photo, end to end (load, detect, align, predict, no drawing) and detection alone, at 640x480 and
+   1920x1080.
 """
 
 from __future__ import annotations
@@ -16,119 +21,125 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dlib  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from faces import CHIP_SIZE, FaceAnalyzer, box_iou, shape_predictor_path  # noqa: E402
-from training.data import load_utkface  # noqa: E402
+from benchmarks.common import EXAMPLES, p50_p95, timings_ms  # noqa: E402
+from faces import CHIP_SIZE, FaceAnalyzer, RetinaFaceDetector, align_face  # noqa: E402
+from training.wider_dev import DEFAULT_WIDER_DEV, SIZE_BANDS, load_wider_dev, match_faces, size_band  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def framing_error(faces: list[Image.Image], paddings: list[float]) -> dict[float, float]:
-    detector, landmarks = dlib.get_frontal_face_detector(), dlib.shape_predictor(shape_predictor_path())
-    errors: dict[float, list[float]] = {p: [] for p in paddings}
-    for face in faces:
-        original = np.asarray(face.convert("RGB").resize((CHIP_SIZE, CHIP_SIZE)))
-        canvas = np.pad(original, ((100, 100), (100, 100), (0, 0)), mode="edge")
-        rects = detector(canvas, 1)
-        if not rects:
-            continue
-        shape = landmarks(canvas, max(rects, key=lambda r: r.area()))
-        for padding in paddings:
-            chip = dlib.get_face_chip(canvas, shape, size=CHIP_SIZE, padding=padding)
-            errors[padding].append(float(np.abs(chip.astype(float) - original).mean()))
-    return {p: float(np.mean(v)) for p, v in errors.items() if v}
+DEFAULT_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "UTKFace.tar.gz"
+THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 
 
-def backgrounds(rng: np.random.Generator, count: int, size: tuple[int, int]) -> list[Image.Image]:
-    """Face-free scenes: crops of the cat photo, smooth random colour fields and noise."""
-    cat = Image.open(EXAMPLES / "chelsea_the_cat.jpg").convert("RGB").resize((size[0] * 2, size[1] * 2))
-    scenes = []
-    for i in range(count):
-        kind = i % 3
-        if kind == 0:
-            x, y = rng.integers(0, cat.width - size[0]), rng.integers(0, cat.height - size[1])
-            scenes.append(cat.crop((x, y, x + size[0], y + size[1])))
-        elif kind == 1:
-            scenes.append(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC))
-        else:
-            scenes.append(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)))
-    return scenes
-
-
-def recall_test(analyzer: FaceAnalyzer, faces: list[Image.Image], thresholds: list[float], seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    size = (640, 480)
-    scenes = backgrounds(rng, len(faces), size)
-    found = {t: 0 for t in thresholds}
-    by_size: dict[str, list[int]] = {}
-    for face, scene in zip(faces, scenes):
-        side = int(rng.integers(40, 201))
-        x, y = int(rng.integers(0, size[0] - side)), int(rng.integers(0, size[1] - side))
-        scene = scene.copy()
-        scene.paste(face.convert("RGB").resize((side, side)), (x, y))
-        # UTKFace crops hold the face in the middle ~60%: compare against that region.
-        truth = [x + int(0.2 * side), y + int(0.2 * side), x + int(0.8 * side), y + int(0.8 * side)]
-        detections = analyzer.detect(scene)
-        best = max((score for rect, score in detections if box_iou(truth, [rect.left(), rect.top(), rect.right(), rect.bottom()]) >= 0.3), default=None)
-        for t in thresholds:
-            found[t] += best is not None and best >= t
-        bucket = f"{(side // 40) * 40}-{(side // 40) * 40 + 39}px"
-        by_size.setdefault(bucket, []).append(best is not None and best >= thresholds[0])
-    false_positives = {t: 0 for t in thresholds}
-    for scene in backgrounds(np.random.default_rng(seed + 1), len(faces), size):
-        for _, score in analyzer.detect(scene):
-            for t in thresholds:
-                false_positives[t] += score >= t
-    return {
-        "recall": {t: found[t] / len(faces) for t in thresholds},
-        "false_positives_per_image": {t: false_positives[t] / len(faces) for t in thresholds},
-        "recall_by_face_size": {k: float(np.mean(v)) for k, v in sorted(by_size.items())},
-    }
-
-
-def detector_speed(analyzer: FaceAnalyzer, repeats: int = 10) -> dict[str, float]:
-    photo = Image.open(EXAMPLES / "three_portraits.jpg").convert("RGB")
-    timings = {}
-    for size in ((640, 480), (1920, 1080)):
-        image = photo.resize(size)
-        scaled, _ = analyzer.load_photo(image)
-        analyzer.detect(scaled)
+def wider_report(analyzer: FaceAnalyzer, wider: str, limit: int | None, gender_threshold: float) -> None:
+    photos = load_wider_dev(wider)[:limit]
+    found: dict[tuple, list[bool]] = defaultdict(list)
+    extra: dict[tuple, list[int]] = defaultdict(list)
+    gender_hits: dict[str, list[bool]] = defaultdict(list)
+    seconds = []
+    for photo in photos:
         started = time.perf_counter()
-        for _ in range(repeats):
-            analyzer.detect(analyzer.load_photo(image)[0])
-        timings[f"{size[0]}x{size[1]}"] = (time.perf_counter() - started) / repeats * 1000
-    return timings
+        result = analyzer.analyze(photo.path)
+        seconds.append(time.perf_counter() - started)
+        for threshold in THRESHOLDS:
+            faces = [f for f in result.faces if f.detection_score >= threshold]
+            matches = match_faces(photo.boxes, np.asarray([f.box for f in faces], dtype=np.float64).reshape(-1, 4))
+            for i, box in enumerate(photo.boxes):
+                found[(photo.subset, size_band(box), threshold)].append(i in matches)
+            extra[(photo.subset, threshold)].append(len(faces) - len(matches))
+            if threshold == gender_threshold:
+                for i, j in matches.items():
+                    if photo.genders[i] is not None:
+                        gender_hits[photo.subset].append(faces[j].gender == photo.genders[i])
+    print(f"wider-dev: {len(photos)} photos, {sum(len(p.boxes) for p in photos)} labelled faces; "
+          f"detector at long side {analyzer.detect_side} (photos smaller than that at their own size)")
+    print(f"{'subset':10} {'min score':>9} " + " ".join(f"{name:>16}" for name, _, _ in SIZE_BANDS) + f" {'extra boxes/photo':>18}")
+    for subset in ("portraits", "groups"):
+        for threshold in THRESHOLDS:
+            cells = []
+            for name, _, _ in SIZE_BANDS:
+                hits = found.get((subset, name, threshold), [])
+                cells.append(f"{np.mean(hits):6.1%} of {len(hits):4}" if hits else f"{'-':>16}")
+            print(f"{subset:10} {threshold:9.1f} " + " ".join(f"{c:>16}" for c in cells) + f" {np.mean(extra[(subset, threshold)]):18.2f}")
+    for subset, hits in gender_hits.items():
+        print(f"gender of found faces ({subset}, min score {gender_threshold}): {np.mean(hits):.1%} of {len(hits)}")
+    every = [h for hits in gender_hits.values() for h in hits]
+    print(f"gender of found faces (all): {np.mean(every):.1%} of {len(every)}")
+    print(f"time per wider-dev photo, end to end: p50 {np.median(seconds) * 1000:.0f} ms, p95 {np.percentile(seconds, 95) * 1000:.0f} ms")
+
+
+def utkface_crops(data: str, count: int, split: str) -> list[Image.Image]:
+    from training.data import load_utkface
+
+    rows = load_utkface(data, verbose=False)[split].shuffle(seed=0).select(range(count))
+    return [row["image"].convert("RGB").resize((CHIP_SIZE, CHIP_SIZE)) for row in rows]
+
+
+def on_canvas(crop: Image.Image, pad: int = 100) -> Image.Image:
+    return Image.fromarray(np.pad(np.asarray(crop), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+
+
+def template_report(data: str, count: int) -> None:
+    detector = RetinaFaceDetector()
+    points = []
+    for crop in utkface_crops(data, count, "train"):
+        detections = detector(np.asarray(on_canvas(crop)))
+        if detections:
+            points.append(detections[0].landmarks - 100)
+    median = np.median(np.stack(points), axis=0)
+    print(f"landmarks found on {len(points)} of {count} UTKFace training crops; median (x, y) in a {CHIP_SIZE} px crop:")
+    print(np.array2string(median, precision=1, separator=", "))
+
+
+def framing_report(analyzer: FaceAnalyzer, data: str, count: int) -> None:
+    errors = []
+    for crop in utkface_crops(data, count, "test"):
+        canvas = on_canvas(crop)
+        detections = analyzer.detect(canvas)
+        if detections:
+            chip = align_face(canvas, detections[0].landmarks)
+            errors.append(float(np.abs(np.asarray(chip, dtype=np.float64) - np.asarray(crop)).mean()))
+    print(f"framing: {len(errors)} of {count} UTKFace test crops found on a canvas and re-cut; "
+          f"mean absolute pixel difference to the original {np.mean(errors):.1f} (median {np.median(errors):.1f})")
+
+
+def speed_report(analyzer: FaceAnalyzer, repeats: int) -> None:
+    photo = Image.open(EXAMPLES / "obama.jpg").convert("RGB")
+    for size in ((640, 480), (1920, 1080)):
+        canvas = Image.new("RGB", size, (200, 200, 200))
+        portrait = photo.resize((round(photo.width * size[1] / photo.height), size[1]))
+        canvas.paste(portrait, ((size[0] - portrait.width) // 2, 0))
+        assert len(analyzer.analyze(canvas).faces) == 1
+        print(f"{size[0]}x{size[1]}, one face: end to end {p50_p95(timings_ms(lambda: analyzer.analyze(canvas), repeats))}; "
+              f"detection {p50_p95(timings_ms(lambda: analyzer.detect(canvas), repeats))}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "UTKFace.tar.gz"))
+    parser.add_argument("--wider", default=str(DEFAULT_WIDER_DEV))
+    parser.add_argument("--data", default=str(DEFAULT_UTKFACE), help="UTKFace, for the framing measurement")
     parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "model"))
-    parser.add_argument("--faces", type=int, default=300)
+    parser.add_argument("--detect_side", type=int, default=1280)
+    parser.add_argument("--photos", type=int, default=None, help="only the first N wider-dev photos")
+    parser.add_argument("--crops", type=int, default=300, help="UTKFace crops for the framing measurement")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--template", action="store_true", help="print the alignment template and stop")
     args = parser.parse_args()
-    test = load_utkface(args.data, verbose=False)["test"].shuffle(seed=0).select(range(args.faces))
-    faces = [row["image"] for row in test]
-    paddings = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
-    errors = framing_error(faces[:100], paddings)
-    print("Framing: mean absolute pixel difference between a re-cut chip and the UTKFace original (100 faces)")
-    for padding, error in errors.items():
-        print(f"  padding {padding:.2f}: {error:5.1f}")
-    print(f"  closest: padding {min(errors, key=errors.get):.2f}")
-    analyzer = FaceAnalyzer(args.model, min_detection_score=-0.5)
-    thresholds = [-0.5, 0.0, 0.1, 0.2, 0.3, 0.5]
-    result = recall_test(analyzer, faces, thresholds)
-    print(f"\nRecall on {len(faces)} UTKFace test faces of 40-200 px pasted on 640x480 scenes (detect_side {analyzer.detect_side}):")
-    for t in thresholds:
-        print(f"  min score {t:+.1f}: recall {result['recall'][t]:.1%}, false detections per face-free image {result['false_positives_per_image'][t]:.3f}")
-    print("  recall by face size (any score):", ", ".join(f"{k} {v:.0%}" for k, v in result["recall_by_face_size"].items()))
-    print("\nDetector time per photo (ms):", ", ".join(f"{k} {v:.0f}" for k, v in detector_speed(analyzer).items()))
+    if args.template:
+        template_report(args.data, 2000)
+        return
+    # One run at the lowest threshold gives recall at every threshold; gender is counted at the app's default.
+    analyzer = FaceAnalyzer(args.model, detect_side=args.detect_side, min_detection_score=min(THRESHOLDS))
+    wider_report(analyzer, args.wider, args.photos, gender_threshold=FaceAnalyzer.DEFAULT_MIN_SCORE)
+    framing_report(analyzer, args.data, args.crops)
+    analyzer.detector.score_threshold = FaceAnalyzer.DEFAULT_MIN_SCORE
+    speed_report(analyzer, args.repeats)
 
 
 if __name__ == "__main__":

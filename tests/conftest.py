@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -64,3 +65,28 @@ def require_shipped_model() -> Path:
     if not (SHIPPED_MODEL / "model.safetensors").is_file():
         pytest.fail(f"the shipped model is missing from {SHIPPED_MODEL}")
     return SHIPPED_MODEL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def analyzer():
+    from faces import FaceAnalyzer
+
+    return FaceAnalyzer(require_shipped_model())
+
+
+@pytest.fixture(scope="session")
+def app_url(analyzer):
+    """The app served for real on a free port, shared by the API and browser tests."""
+    from app import build_demo, launch
+
+    demo = build_demo(analyzer)
+    port = free_port()
+    launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -34,11 +34,13 @@ aligned face crop, trained from scratch on UTKFace with this project's `training
 
 ```python
 import modeling  # from the project's repository: registers the model with transformers
+from faces import FaceAnalyzer  # the project's detector and aligner: crops framed as in training
 from transformers import AutoModel, AutoImageProcessor
 
 model = AutoModel.from_pretrained("PATH_OR_HUB_ID")
 processor = AutoImageProcessor.from_pretrained("PATH_OR_HUB_ID")
-out = model(**processor(images=[face_crop], return_tensors="pt"))
+face_crops = FaceAnalyzer("PATH_OR_HUB_ID").face_crops("group_photo.jpg")
+out = model(**processor(images=face_crops, return_tensors="pt"))
 out.age, out.age_std, out.gender_logits.softmax(-1)
 ```
 
@@ -98,7 +100,8 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
     card_data = ModelCardData(
         license="cc-by-nc-4.0",
         library_name="transformers",
-        pipeline_tag="image-classification",
+        # No Hub pipeline tag fits an age regressor with a gender head; "image-classification" would make the
+        # Hub's widget show two gender classes as if that were all the model does.
         tags=["age-estimation", "gender-classification", "face", "utkface"],
         datasets=["UTKFace"],
         model_name="age-gender-cnn",

@@ -37,6 +37,7 @@ from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
 from training.scoring import calibrate_interval_scale, load_metric, predict_loader, score
+from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 
 COMPLETE_MARKER = "complete"
@@ -71,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--weight_decay", type=float, default=0.05)
     optim.add_argument("--max_grad_norm", type=float, default=5.0)
     optim.add_argument("--augment_strength", type=float, default=1.0, help="0 turns augmentation off.")
+    optim.add_argument(
+        "--degrade_strength", type=float, default=1.0,
+        help="How often faces get real-photo degradations (low resolution, blur, noise, lighting, occlusion, JPEG); 0 turns them off.",
+    )
     optim.add_argument("--ema_decay", type=float, default=0.998, help="EMA of weights; 0 turns it off.")
     optim.add_argument("--seed", type=int, default=42)
     optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Default: accelerate's setting.")
@@ -81,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--checkpointing_steps", type=int, default=200, help="Also checkpoint every N optimizer steps (0: epoch ends only).")
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
     run.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in output_dir/checkpoints.")
+    run.add_argument(
+        "--real_photos", default=str(DEFAULT_WIDER_DEV) if DEFAULT_WIDER_DEV.is_dir() else None,
+        help="wider-dev folder: gender accuracy on faces the app finds in real photos is reported each evaluation and "
+        "counts in model selection ('' turns it off; default: ../shared/datasets/wider-dev where present).",
+    )
     run.add_argument("--flip_tta", action="store_true", help="Average predictions with the mirror image when evaluating.")
     run.add_argument("--report_to", default=None, help="Tracker for accelerate (tensorboard, wandb, ...).")
     run.add_argument("--push_to_hub", action="store_true")
@@ -188,9 +198,25 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def validation_score(metrics: dict) -> float:
-    """Lower is better: age MAE plus 10 x gender error, so one point of gender accuracy weighs as 0.1 year."""
-    return metrics["age_mae"] + 10 * (1 - metrics["gender_accuracy"])
+def validation_score(metrics: dict, real_gender_accuracy: float | None = None) -> float:
+    """Lower is better: age MAE plus 10 x gender error, so one point of gender accuracy weighs as 0.1 year; with
+    real photos, their gender error counts as much as UTKFace's."""
+    real_error = 0.0 if real_gender_accuracy is None else 10 * (1 - real_gender_accuracy)
+    return metrics["age_mae"] + 10 * (1 - metrics["gender_accuracy"]) + real_error
+
+
+@torch.inference_mode()
+def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None, device) -> float | None:
+    """Gender accuracy on the wider-dev faces the app finds, or None without them."""
+    if faces is None:
+        return None
+    model.eval()
+    pixels, genders = faces
+    hits = 0
+    for start in range(0, len(pixels), 256):
+        batch = processor.normalize_batch(pixels[start : start + 256].permute(0, 3, 1, 2).to(device))
+        hits += (model(pixel_values=batch).gender_logits.argmax(-1).cpu() == genders[start : start + 256]).sum().item()
+    return hits / len(pixels)
 
 
 def use_the_cores(accelerator: Accelerator, num_threads: int | None) -> int:
@@ -230,6 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_set = tensors_of(splits["train"], processor, args.cache_dir, args.max_train_samples)
         val_set = tensors_of(splits["validation"], processor, args.cache_dir, args.max_eval_samples)
         test_set = tensors_of(splits["test"], processor, args.cache_dir, args.max_eval_samples)
+    real_faces = None
+    if args.real_photos:
+        pixels, genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
+        real_faces = (torch.from_numpy(pixels), torch.from_numpy(genders))
+        accelerator.print(f"real-photo check: {len(genders)} faces with a perceived gender found in {args.real_photos}")
 
     model = AgeGenderModel(config).to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
@@ -289,8 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
             val_metrics = score(predictions, metric)
             record.update({f"val_{k}": v for k, v in val_metrics.items() if k != "count"})
             record["val_loss"] = validation_loss(eval_model(), processor, val_loader)
-            if validation_score(val_metrics) < state.best_score:
-                state.best_score = validation_score(val_metrics)
+            real_accuracy = real_gender_accuracy(eval_model(), processor, real_faces, accelerator.device)
+            if real_accuracy is not None:
+                record["val_real_gender_accuracy"] = real_accuracy
+            if validation_score(val_metrics, real_accuracy) < state.best_score:
+                state.best_score = validation_score(val_metrics, real_accuracy)
                 record["best"] = True
                 save_best(accelerator, eval_model(), processor, output_dir / "best")
         state.history.append(record)
@@ -298,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(json.dumps(record))
         accelerator.log(record, step=state.step)
         save_checkpoint(accelerator)
-    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, len(train_set))
+    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, len(train_set), real_faces)
 
 
 def save_checkpoint(accelerator: Accelerator) -> None:
@@ -340,7 +374,7 @@ def train_one_epoch(args, accelerator, model, ema, optimizer, scheduler, loader,
     started = time.perf_counter()
     for pixels, age, gender in progress:
         with accelerator.accumulate(model):
-            pixel_values = processor.normalize_batch(augment_batch(pixels, args.augment_strength))
+            pixel_values = processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
             if not torch.isfinite(outputs.loss):
                 raise SystemExit(
@@ -391,7 +425,7 @@ def save_best(accelerator: Accelerator, model, processor, folder: Path) -> None:
         processor.save_pretrained(folder)
 
 
-def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, train_size) -> dict:
+def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, train_size, real_faces=None) -> dict:
     """Reload the best model, calibrate its age interval on validation, score it on test once and write
     the model, metrics, curves and card to output_dir."""
     accelerator.wait_for_everyone()
@@ -410,6 +444,7 @@ def finish(args, accelerator, processor, val_loader, test_loader, metric, state,
         "train_size": train_size,
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
+        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, real_faces, accelerator.device),
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
         "command": state.command,

@@ -1,0 +1,35 @@
+"""Photo inference, Gradio-free, so that tests and users can call it from Python:
+
+    from faces import FaceAnalyzer
+    analyzer = FaceAnalyzer("model")
+    result = analyzer.analyze("group.jpg")
+    for face in result.faces: print(face.box, face.label)
+
+detection (RetinaFace) -> alignment (UTKFace framing) -> analysis (the model) -> drawing and tracking.
+"""
+
+from .alignment import CHIP_SIZE, align_face
+from .analysis import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, PhotoResult, native_bfloat16, reading_order, resolve_dtype
+from .detection import Detection, RetinaFaceDetector
+from .drawing import FACE_COLOURS, annotate, face_colour, face_label
+from .tracking import FaceTracker, box_iou
+
+__all__ = [
+    "CHIP_SIZE",
+    "DEFAULT_MODEL",
+    "FACE_COLOURS",
+    "Detection",
+    "FaceAnalyzer",
+    "FaceRecord",
+    "FaceTracker",
+    "PhotoResult",
+    "RetinaFaceDetector",
+    "align_face",
+    "annotate",
+    "box_iou",
+    "face_colour",
+    "face_label",
+    "native_bfloat16",
+    "reading_order",
+    "resolve_dtype",
+]

@@ -1,0 +1,219 @@
+"""Photo inference: find every face in a photo, frame it the way UTKFace frames its faces, and estimate its
+age and gender. Boxes and landmarks are always in the pixels of the photo as it was given (after its EXIF
+rotation), whatever size the detector worked at."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+import modeling  # noqa: F401  (registers the model with the Auto classes)
+from modeling.image_processing_age_gender import ImageLike
+
+from .alignment import CHIP_SIZE, align_face
+from .detection import Detection, RetinaFaceDetector
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model"
+
+
+@dataclass
+class FaceRecord:
+    """One face: its box `[x0, y0, x1, y1]` and landmarks in the photo's pixels, and what the model says of it."""
+
+    box: list[int]
+    age: float
+    age_interval: list[int]
+    age_std: float
+    gender: str
+    gender_score: float
+    detection_score: float | None = None
+    landmarks: list[list[float]] = field(default_factory=list)
+    age_distribution: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def label(self) -> str:
+        """A short label such as "F 31 (27-36)"."""
+        return f"{self.gender[0].upper()} {self.age:.0f} ({self.age_interval[0]}-{self.age_interval[1]})"
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record.pop("age_distribution")
+        return record
+
+
+@dataclass
+class PhotoResult:
+    """What `FaceAnalyzer.analyze` found. `image` is the upright RGB photo that boxes refer to, at its own size;
+    `faces` are in reading order (rows top to bottom, left to right in a row); `whole_image` is set when no face
+    was found: the photo read as one face crop, which is not a face found."""
+
+    image: Image.Image
+    faces: list[FaceRecord]
+    whole_image: FaceRecord | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the photo, the frame of every box."""
+        return self.image.size
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it,
+    slower than float32, so "auto" keeps float32 there and on GPUs, where this model is fast either way."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """"float32", "bfloat16", or "auto": bfloat16 where the CPU has it natively. On the shipped model's test
+    split bfloat16 changed age MAE by +0.005 years and no gender (training/evaluate.py --dtype), at 1.8x the
+    faces/s on this project's CPU (benchmarks/inference.py)."""
+    if dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', not {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def reading_order(boxes: list[np.ndarray]) -> list[int]:
+    """Indices of the boxes in reading order: rows from top to bottom, left to right within a row. A box joins
+    the current row when its centre is less than half a face height below the row's mean centre, so that
+    people standing side by side at slightly different heights stay one row."""
+    if not boxes:
+        return []
+    centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[3] - b[1]) for b in boxes]
+    rows: list[list[int]] = []
+    for index in sorted(range(len(boxes)), key=lambda i: centres[i][1]):
+        if rows:
+            row = rows[-1]
+            row_y = np.mean([centres[i][1] for i in row])
+            row_height = np.median([centres[i][2] for i in row])
+            if centres[index][1] - row_y < 0.5 * row_height:
+                row.append(index)
+                continue
+        rows.append([index])
+    return [i for row in rows for i in sorted(row, key=lambda i: centres[i][0])]
+
+
+def detect_in_photo(detector: RetinaFaceDetector, photo: Image.Image, detect_side: int = 1280, min_detect_side: int = 320) -> list[Detection]:
+    """Faces in reading order, found at a long side between `min_detect_side` and `detect_side` (the photo's
+    own size where it lies between), with boxes and landmarks in the photo's own pixels."""
+    longest = max(photo.size)
+    factor = min(max(longest, min_detect_side), detect_side) / longest
+    work = photo if abs(factor - 1) < 0.02 else photo.resize(
+        (max(1, round(photo.width * factor)), max(1, round(photo.height * factor))), Image.Resampling.BILINEAR
+    )
+    detections = [d.scaled(photo.width / work.width) for d in detector(np.asarray(work))]
+    return [detections[i] for i in reading_order([d.box for d in detections])]
+
+
+class FaceAnalyzer:
+    """Loads the model and the face detector once and answers photos: detect (RetinaFace), align (5 landmarks
+    onto UTKFace's framing), predict.
+
+    Args:
+        model: a model folder or Hub id (default: the shipped `model/`).
+        detect_side: the detector sees photos larger than this shrunk to this long side, and smaller photos at
+            their own size (up to `min_detect_side`). 1280 finds faces of 32 px in a 1024 px group photo at
+            their own resolution; benchmarks/face_detection.py measures recall and time for other values.
+        min_detect_side: smaller photos are enlarged to this long side for the detector, whose smallest anchor
+            is 16 px.
+        min_detection_score: detections scoring below this (0-1) are dropped.
+        batch_size: faces predicted per forward pass.
+        dtype: "auto" (bfloat16 on CPUs that compute it natively, else float32), "float32" or "bfloat16".
+
+    Safe to call from several threads at once: the detector's onnxruntime session, PIL and the model in
+    inference mode keep no state between calls.
+    """
+
+    DEFAULT_MIN_SCORE = 0.5
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        detect_side: int = 1280,
+        min_detect_side: int = 320,
+        min_detection_score: float = DEFAULT_MIN_SCORE,
+        batch_size: int = 32,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ):
+        self.model_source = str(model)
+        self.model = AutoModel.from_pretrained(self.model_source, dtype=resolve_dtype(dtype, device)).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(self.model_source)
+        self.detector = RetinaFaceDetector(score_threshold=min_detection_score)
+        self.detect_side = detect_side
+        self.min_detect_side = min_detect_side
+        self.batch_size = batch_size
+        self.device = device
+
+    def load_photo(self, image: ImageLike) -> Image.Image:
+        """The photo as upright 8-bit RGB at its own size; unreadable input raises `InvalidImageError`."""
+        return self.processor.load_rgb(image)
+
+    def detect(self, photo: Image.Image) -> list[Detection]:
+        """Faces in the photo, in reading order, with boxes and landmarks in the photo's own pixels."""
+        return detect_in_photo(self.detector, photo, self.detect_side, self.min_detect_side)
+
+    def face_crops(self, image: ImageLike) -> list[Image.Image]:
+        """The aligned crops of every face in a photo, in reading order: what the model sees, and what
+        `pipeline("age-gender-estimation")` and the model expect as input."""
+        photo = self.load_photo(image)
+        return [align_face(photo, detection.landmarks) for detection in self.detect(photo)]
+
+    @torch.inference_mode()
+    def predict_faces(self, faces: list[ImageLike]) -> list[FaceRecord]:
+        """Age and gender for face crops, in batches; boxes are left empty."""
+        records = []
+        for start in range(0, len(faces), self.batch_size):
+            inputs = self.processor(images=faces[start : start + self.batch_size], return_tensors="pt").to(self.device)
+            out = self.model(**inputs)
+            low, high = self.model.age_interval(out.age, out.age_std)
+            gender_probs = out.gender_logits.float().softmax(-1)
+            age_probs = out.age_logits.float().softmax(-1)
+            for i in range(len(out.age)):
+                gender_id = int(gender_probs[i].argmax())
+                records.append(
+                    FaceRecord(
+                        box=[],
+                        age=round(float(out.age[i]), 1),
+                        age_interval=[int(low[i]), int(high[i])],
+                        age_std=round(float(out.age_std[i]), 2),
+                        gender=self.model.config.id2label[gender_id],
+                        gender_score=round(float(gender_probs[i, gender_id]), 4),
+                        age_distribution=[round(float(p), 5) for p in age_probs[i]],
+                    )
+                )
+        return records
+
+    def analyze(self, image: ImageLike, assume_face_crop: bool = False) -> PhotoResult:
+        """Every face in a photo, or the photo as one face when `assume_face_crop` is set. When no face is
+        found, `whole_image` holds the prediction for the photo read as a single face crop."""
+        photo = self.load_photo(image)
+        whole_box = [0, 0, photo.width, photo.height]
+        if assume_face_crop:
+            face = self.predict_faces([photo])[0]
+            face.box = whole_box
+            return PhotoResult(image=photo, faces=[face])
+        detections = self.detect(photo)
+        if not detections:
+            whole = self.predict_faces([photo])[0]
+            whole.box = whole_box
+            return PhotoResult(image=photo, faces=[], whole_image=whole)
+        records = self.predict_faces([align_face(photo, d.landmarks, CHIP_SIZE) for d in detections])
+        for record, detection in zip(records, detections):
+            x0, y0, x1, y1 = detection.box
+            record.box = [max(0, round(x0)), max(0, round(y0)), min(photo.width, round(x1)), min(photo.height, round(y1))]
+            record.landmarks = np.round(detection.landmarks, 1).tolist()
+            record.detection_score = round(detection.score, 3)
+        return PhotoResult(image=photo, faces=records)
