@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 import modeling  # noqa: F401  (registers the model with the Auto classes)
-from modeling.image_processing_age_gender import ImageLike
+from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
 from .alignment import CHIP_SIZE, align_face
 from .detection import Detection, RetinaFaceDetector
@@ -35,6 +35,7 @@ class FaceRecord:
     detection_score: float | None = None
     landmarks: list[list[float]] = field(default_factory=list)
     age_distribution: list[float] = field(default_factory=list, repr=False)
+    gender_probs: list[float] = field(default_factory=list, repr=False)
 
     @property
     def label(self) -> str:
@@ -44,6 +45,7 @@ class FaceRecord:
     def to_json(self) -> dict:
         record = asdict(self)
         record.pop("age_distribution")
+        record.pop("gender_probs")
         return record
 
 
@@ -76,7 +78,7 @@ def native_bfloat16(device: str) -> bool:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """"float32", "bfloat16", or "auto": bfloat16 where the CPU has it natively. On the shipped model's test
-    split bfloat16 changed age MAE by +0.005 years and no gender (training/evaluate.py --dtype), at 1.8x the
+    split bfloat16 changed age MAE by +0.005 years and no gender (training/eval_model.py --dtype), at 1.8x the
     faces/s on this project's CPU (benchmarks/inference.py)."""
     if dtype == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
@@ -159,7 +161,7 @@ class FaceAnalyzer:
 
     def load_photo(self, image: ImageLike) -> Image.Image:
         """The photo as upright 8-bit RGB at its own size; unreadable input raises `InvalidImageError`."""
-        return self.processor.load_rgb(image)
+        return load_rgb_image(image, self.processor.max_image_pixels)
 
     def detect(self, photo: Image.Image) -> list[Detection]:
         """Faces in the photo, in reading order, with boxes and landmarks in the photo's own pixels."""
@@ -177,23 +179,8 @@ class FaceAnalyzer:
         records = []
         for start in range(0, len(faces), self.batch_size):
             inputs = self.processor(images=faces[start : start + self.batch_size], return_tensors="pt").to(self.device)
-            out = self.model(**inputs)
-            low, high = self.model.age_interval(out.age, out.age_std)
-            gender_probs = out.gender_logits.float().softmax(-1)
-            age_probs = out.age_logits.float().softmax(-1)
-            for i in range(len(out.age)):
-                gender_id = int(gender_probs[i].argmax())
-                records.append(
-                    FaceRecord(
-                        box=[],
-                        age=round(float(out.age[i]), 1),
-                        age_interval=[int(low[i]), int(high[i])],
-                        age_std=round(float(out.age_std[i]), 2),
-                        gender=self.model.config.id2label[gender_id],
-                        gender_score=round(float(gender_probs[i, gender_id]), 4),
-                        age_distribution=[round(float(p), 5) for p in age_probs[i]],
-                    )
-                )
+            outputs = self.model(**inputs)
+            records += [FaceRecord(box=[], **r) for r in self.model.post_process_age_gender(outputs, return_distributions=True)]
         return records
 
     def analyze(self, image: ImageLike, assume_face_crop: bool = False) -> PhotoResult:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from modeling.modeling_age_gender import age_interval_bounds
+from modeling.modeling_age_gender import prediction_records
 
 from .analysis import FaceRecord
 
@@ -24,16 +24,18 @@ def box_iou(a: list[float], b: list[float]) -> float:
 
 @dataclass
 class Track:
+    """A face followed across frames: its last box and its smoothed age and gender distributions."""
+
     box: list[int]
-    age: float
-    age_std: float
-    female_prob: float
+    age_probs: torch.Tensor
+    gender_probs: torch.Tensor
     missed: int = 0
 
 
 class FaceTracker:
     """Smooths webcam predictions across frames: each face is matched to the previous frame's by box overlap,
-    and its age and gender probability are exponential moving averages, so labels do not jump."""
+    and its age and gender distributions are exponential moving averages, so labels do not jump. Answers are
+    read off the smoothed distributions exactly as off a single frame's (`prediction_records`)."""
 
     def __init__(self, smoothing: float = 0.7, min_iou: float = 0.3, max_missed: int = 3):
         self.smoothing = smoothing
@@ -54,35 +56,14 @@ class FaceTracker:
         unmatched = list(self.tracks)
         smoothed, tracks = [], []
         for face in faces:
-            female_prob = face.gender_score if face.gender == "female" else 1 - face.gender_score
+            track = Track(box=face.box, age_probs=torch.tensor(face.age_distribution), gender_probs=torch.tensor(face.gender_probs))
             match = max(unmatched, key=lambda t: box_iou(t.box, face.box), default=None)
             if match is not None and box_iou(match.box, face.box) >= self.min_iou:
                 unmatched.remove(match)
-                keep = self.smoothing
-                track = Track(
-                    box=face.box,
-                    age=keep * match.age + (1 - keep) * face.age,
-                    age_std=keep * match.age_std + (1 - keep) * face.age_std,
-                    female_prob=keep * match.female_prob + (1 - keep) * female_prob,
-                )
-            else:
-                track = Track(box=face.box, age=face.age, age_std=face.age_std, female_prob=female_prob)
+                track.age_probs = self.smoothing * match.age_probs + (1 - self.smoothing) * track.age_probs
+                track.gender_probs = self.smoothing * match.gender_probs + (1 - self.smoothing) * track.gender_probs
             tracks.append(track)
-            smoothed.append(self.as_record(track, face, model_config))
-        self.tracks = tracks + [Track(**{**asdict(t), "missed": t.missed + 1}) for t in unmatched if t.missed + 1 <= self.max_missed]
+            (record,) = prediction_records(track.age_probs[None], track.gender_probs[None], model_config, return_distributions=True)
+            smoothed.append(replace(face, **record))
+        self.tracks = tracks + [replace(t, missed=t.missed + 1) for t in unmatched if t.missed + 1 <= self.max_missed]
         return smoothed
-
-    @staticmethod
-    def as_record(track: Track, face: FaceRecord, config) -> FaceRecord:
-        low, high = age_interval_bounds(torch.tensor(track.age), torch.tensor(track.age_std), config)
-        female = track.female_prob >= 0.5
-        return FaceRecord(
-            box=face.box,
-            age=round(track.age, 1),
-            age_interval=[int(low), int(high)],
-            age_std=round(track.age_std, 2),
-            gender="female" if female else "male",
-            gender_score=round(track.female_prob if female else 1 - track.female_prob, 4),
-            detection_score=face.detection_score,
-            landmarks=face.landmarks,
-        )

@@ -93,6 +93,42 @@ def array_to_rgb(array: np.ndarray) -> Image.Image:
     return pil_to_rgb(Image.fromarray(np.ascontiguousarray(array_to_uint8(array))))
 
 
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def load_rgb_image(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Any supported input (path, bytes, PIL image, array, tensor) as an upright 8-bit RGB PIL image, or an
+    `InvalidImageError` that says why not: EXIF rotation applied, every PIL mode read, files over `max_pixels`
+    refused before decoding. Photos for face detection and face crops for the model are read alike."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        image = open_image(image, max_pixels)
+    if isinstance(image, Image.Image):
+        if min(image.size) < 1:
+            raise InvalidImageError(f"image is empty: size {image.size}")
+        return pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return array_to_rgb(image)
+    raise InvalidImageError(
+        f"expected a PIL image, numpy array, torch tensor, file path or bytes, got {type(image).__name__}"
+    )
+
+
+def side_from_size(size: int | dict | None, default: int) -> int:
+    """transformers' `size` argument (an int, `{"height": h, "width": w}` with h == w, or `{"shortest_edge": s}`)
+    as the side of the square output."""
+    if size is None:
+        return default
+    if isinstance(size, int):
+        return size
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"])
+    if size.get("height") == size.get("width") and size.get("height"):
+        return int(size["height"])
+    raise ValueError(f"size must be an int, {{'height': s, 'width': s}} or {{'shortest_edge': s}}; this model's inputs are square, got {size}")
+
+
 class AgeGenderImageProcessor(BaseImageProcessor):
     r"""
     Turns face crops into the model's `pixel_values`: any image mode to RGB (EXIF orientation honoured), a
@@ -120,7 +156,7 @@ class AgeGenderImageProcessor(BaseImageProcessor):
         image_size: int = 64,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
-        max_image_pixels: int = 100_000_000,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -130,46 +166,60 @@ class AgeGenderImageProcessor(BaseImageProcessor):
         self.max_image_pixels = int(max_image_pixels)
 
     def load_rgb(self, image: ImageLike) -> Image.Image:
-        """Any supported input as an upright 8-bit RGB PIL image, or an `InvalidImageError` that says why not."""
-        if isinstance(image, (str, os.PathLike, bytes)):
-            image = open_image(image, self.max_image_pixels)
-        if isinstance(image, Image.Image):
-            if min(image.size) < 1:
-                raise InvalidImageError(f"image is empty: size {image.size}")
-            return pil_to_rgb(image)
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        if isinstance(image, np.ndarray):
-            return array_to_rgb(image)
-        raise InvalidImageError(
-            f"expected a PIL image, numpy array, torch tensor, file path or bytes, got {type(image).__name__}"
-        )
+        """See `load_rgb_image`, with this processor's pixel limit."""
+        return load_rgb_image(image, self.max_image_pixels)
 
-    def to_uint8(self, image: ImageLike) -> np.ndarray:
-        """The face as a `(image_size, image_size, 3)` uint8 array: centre-cropped to a square, then resized."""
+    def to_uint8(self, image: ImageLike, side: int | None = None) -> np.ndarray:
+        """The face as a `(side, side, 3)` uint8 array (default `image_size`): centre-cropped to a square, then
+        resized; `side=0` keeps the square at its own size. Training caches this output, which depends on
+        `image_size` alone: mean and standard deviation are applied after the cache."""
         rgb = self.load_rgb(image)
         width, height = rgb.size
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        square = rgb.crop((left, top, left + side, top + side))
-        return np.asarray(square.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR, reducing_gap=None))
+        square_side = min(width, height)
+        left, top = (width - square_side) // 2, (height - square_side) // 2
+        square = rgb.crop((left, top, left + square_side, top + square_side))
+        side = self.image_size if side is None else side
+        if side == 0:
+            return np.asarray(square)
+        return np.asarray(square.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=None))
 
-    def normalize_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalize_batch(
+        self, pixels: torch.Tensor, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """Batched `(N, 3, H, W)` pixels on the 0-255 scale, of any dtype and on any device, to normalised float
         pixel values."""
-        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, device=pixels.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.image_mean if image_mean is None else image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std if image_std is None else image_std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        """One image or a list of them to a batch of `pixel_values`."""
+    def preprocess(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_tensors: str | None = "pt",
+        do_resize: bool = True,
+        size: int | dict | None = None,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """One image or a list of them to a batch of `pixel_values`. transformers' usual options override the
+        saved settings for this call: `do_resize=False` keeps each centre square at its own size (all images
+        must then share it), `size` sets the side, `do_normalize=False` leaves pixels on the 0-255 scale.
+        Unknown options are refused rather than silently dropped."""
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.preprocess got unexpected arguments: {', '.join(sorted(kwargs))}")
         if isinstance(images, (list, tuple)):
             if not images:
                 raise InvalidImageError("no images given: expected one image or a non-empty list of images")
         else:
             images = [images]
-        arrays = np.stack([self.to_uint8(image) for image in images])
-        pixel_values = self.normalize_batch(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+        side = side_from_size(size, self.image_size) if do_resize else 0
+        arrays = [self.to_uint8(image, side) for image in images]
+        if len({array.shape for array in arrays}) > 1:
+            raise ValueError(f"with do_resize=False every image must have the same size, got {sorted({a.shape[:2] for a in arrays})}")
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        pixel_values = self.normalize_batch(pixels, image_mean, image_std) if do_normalize else pixels.float()
         if return_tensors in (None, "np"):
             return BatchFeature({"pixel_values": pixel_values.numpy()})
         if return_tensors != "pt":

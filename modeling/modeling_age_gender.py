@@ -140,6 +140,38 @@ def age_interval_bounds(age: torch.Tensor, age_std: torch.Tensor, config: AgeGen
     return low.long(), high.long()
 
 
+def summarize_predictions(age_probs: torch.Tensor, gender_probs: torch.Tensor, config: AgeGenderConfig) -> dict[str, torch.Tensor]:
+    """From age and gender distributions `(batch, num_ages)` and `(batch, num_labels)` to what is reported:
+    expected age and its spread, the calibrated interval, the gender id and its probability. Everything that
+    turns the model's distributions into answers (the pipeline, photo analysis, webcam smoothing, evaluation)
+    goes through here."""
+    age, age_std = age_statistics(age_probs.float(), config.min_age)
+    low, high = age_interval_bounds(age, age_std, config)
+    gender_score, gender_id = gender_probs.float().max(dim=-1)
+    return {"age": age, "age_std": age_std, "age_low": low, "age_high": high, "gender_id": gender_id, "gender_score": gender_score}
+
+
+def prediction_records(age_probs: torch.Tensor, gender_probs: torch.Tensor, config: AgeGenderConfig, return_distributions: bool = False) -> list[dict]:
+    """One record per face: `{"age": 31.4, "age_interval": [27, 36], "age_std": 3.9, "gender": "female",
+    "gender_score": 0.97}`, gender names from `config.id2label`; with `return_distributions`, also
+    `age_distribution` (over whole years from `config.min_age`) and `gender_probs` (in label id order)."""
+    summary = {key: value.tolist() for key, value in summarize_predictions(age_probs, gender_probs, config).items()}
+    records = []
+    for i, gender_id in enumerate(summary["gender_id"]):
+        record = {
+            "age": round(summary["age"][i], 1),
+            "age_interval": [summary["age_low"][i], summary["age_high"][i]],
+            "age_std": round(summary["age_std"][i], 2),
+            "gender": config.id2label[gender_id],
+            "gender_score": round(summary["gender_score"][i], 4),
+        }
+        if return_distributions:
+            record["age_distribution"] = [round(p, 5) for p in age_probs[i].float().tolist()]
+            record["gender_probs"] = [round(p, 4) for p in gender_probs[i].float().tolist()]
+        records.append(record)
+    return records
+
+
 class AgeGenderPreTrainedModel(PreTrainedModel):
     config_class = AgeGenderConfig
     base_model_prefix = "age_gender"
@@ -175,7 +207,12 @@ class AgeGenderPreTrainedModel(PreTrainedModel):
 
 
 class AgeGenderModel(AgeGenderPreTrainedModel):
-    """A CNN with an age head (distribution over whole years) and a gender head, for aligned face crops."""
+    """A CNN with an age head (distribution over whole years) and a gender head, for aligned face crops.
+
+    transformers names a model with task heads `XModelForTask` beside a headless `XModel`. Here there is no
+    headless model worth publishing (the backbone is small and trained only for these two heads) and no single
+    task name covers an age regression with a gender classification, so the one class keeps the plain name;
+    `AutoModel` loads it."""
 
     def __init__(self, config: AgeGenderConfig):
         super().__init__(config)
@@ -216,6 +253,12 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
     def age_interval(self, age: torch.Tensor, age_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """See `age_interval_bounds`."""
         return age_interval_bounds(age, age_std, self.config)
+
+    def post_process_age_gender(self, outputs: AgeGenderOutput, return_distributions: bool = False) -> list[dict]:
+        """One record per image of a forward pass, in the manner of transformers' `post_process_*` methods
+        (see `prediction_records`). It lives on the model rather than the image processor because the answers
+        depend on the model's config: its age range, calibrated interval and gender labels."""
+        return prediction_records(outputs.age_logits.softmax(-1), outputs.gender_logits.softmax(-1), self.config, return_distributions)
 
     def age_loss(self, age_logits: torch.Tensor, expected_age: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """DLDL-v2 (Gao et al., "Age Estimation Using Expectation of Label Distribution Learning", IJCAI 2018):

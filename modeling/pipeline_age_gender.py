@@ -11,7 +11,7 @@ from transformers import Pipeline
 class AgeGenderPipeline(Pipeline):
     """Estimates age and gender of face crops (paths, PIL images, arrays, or lists of them).
 
-    Each image gives `{"age": 31.4, "age_interval": [27, 36], "gender": "female", "gender_score": 0.97}`. The
+    Each image gives `{"age": 31.4, "age_interval": [27, 36], "age_std": 3.9, "gender": "female", "gender_score": 0.97}`. The
     images should be face crops framed like UTKFace's; to find faces in a whole photo use `faces.FaceAnalyzer`.
     """
 
@@ -36,12 +36,4 @@ class AgeGenderPipeline(Pipeline):
         return self.model(**model_inputs)
 
     def postprocess(self, model_outputs) -> dict[str, Any]:
-        low, high = self.model.age_interval(model_outputs.age, model_outputs.age_std)
-        gender_probs = model_outputs.gender_logits.float().softmax(dim=-1)[0]
-        gender_id = int(gender_probs.argmax())
-        return {
-            "age": round(float(model_outputs.age[0]), 1),
-            "age_interval": [int(low[0]), int(high[0])],
-            "gender": self.model.config.id2label[gender_id],
-            "gender_score": round(float(gender_probs[gender_id]), 4),
-        }
+        return self.model.post_process_age_gender(model_outputs)[0]

@@ -3,7 +3,6 @@ short video; every output format; a list file, a glob and a dataset; resume afte
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

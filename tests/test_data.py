@@ -22,7 +22,6 @@ from training.data import (
     normalise_hub_columns,
     parse_file_name,
     pixel_cache,
-    split_of,
 )
 
 
@@ -79,9 +78,23 @@ def test_duplicates_keep_one_copy_and_conflicting_copies_are_dropped(tmp_path, c
     assert len(hashes) == len(set(hashes))
 
 
-def test_copies_always_share_a_split():
-    ratios = (0.8, 0.1, 0.1)
-    assert all(split_of(f"{i:040x}", ratios) == split_of(f"{i:040x}", ratios) for i in range(100))
+def test_copies_always_share_a_split(tmp_path, cache_dir):
+    """A byte-identical copy under another name (as UTKFace's release has) gets the split of its original: the
+    split comes from the bytes, not the name, so copies can never straddle train and test."""
+    originals = write_utk_folder(tmp_path / "originals", 60)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i, original in enumerate(originals):
+        shutil.copy(original, copies / utk_name(1 + (i * 7) % 90, i % 2, i % 5, 10_000 + i))  # same bytes, new name
+    ratios = (0.5, 0.25, 0.25)
+
+    def split_by_bytes(folder):
+        splits = load_utkface(folder, cache_dir, ratios, verbose=False)
+        return {sha1: name for name, split in splits.items() for sha1 in split["sha1"]}
+
+    of_originals, of_copies = split_by_bytes(tmp_path / "originals"), split_by_bytes(copies)
+    assert len(of_originals) == 60 and of_copies == of_originals
+    assert set(of_originals.values()) == {"train", "validation", "test"}
 
 
 def test_splits_are_stable_when_files_are_added_or_removed(tmp_path, cache_dir):

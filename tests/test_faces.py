@@ -154,14 +154,18 @@ def test_big_photos_are_drawn_at_a_displayable_size(analyzer):
     assert max(annotate(result.image, result.faces).size) == 1280
 
 
-def record(age: float, gender: str, box: list[int]) -> FaceRecord:
-    return FaceRecord(box=box, age=age, age_interval=[int(age) - 5, int(age) + 5], age_std=4.0, gender=gender, gender_score=0.9)
+def record(age: int, gender: str, box: list[int]) -> FaceRecord:
+    """A face whose age distribution is all on `age` and whose gender is 90% sure."""
+    distribution = [0.0] * 117
+    distribution[age] = 1.0
+    probs = [0.9, 0.1] if gender == "male" else [0.1, 0.9]
+    return FaceRecord(box=box, age=age, age_interval=[age, age], age_std=0.0, gender=gender, gender_score=0.9, age_distribution=distribution, gender_probs=probs)
 
 
 def test_tracker_smooths_a_face_and_starts_new_ones_fresh():
-    class Config:
-        age_interval_scale, min_age, max_age = 1.28, 0, 116
+    from modeling import AgeGenderConfig
 
+    Config = AgeGenderConfig()
     tracker = FaceTracker(smoothing=0.7)
     tracker.update([record(30, "male", [10, 10, 60, 60])], Config)
     (moved,) = tracker.update([record(40, "male", [12, 11, 62, 61])], Config)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
-from conftest import ROOT, face_like
+from conftest import ROOT, face_like, require_shipped_model
 from modeling import PIPELINE_TASK, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel, InvalidImageError
 
 
@@ -38,14 +38,20 @@ def test_save_pretrained_writes_the_hub_files_and_code(saved_model):
     assert "AutoModel" in config["auto_map"]
 
 
-def test_round_trip_gives_identical_outputs(saved_model):
-    model = AutoModel.from_pretrained(saved_model).eval()
-    processor = AutoImageProcessor.from_pretrained(saved_model)
-    assert isinstance(model, AgeGenderModel) and isinstance(processor, AgeGenderImageProcessor)
+def test_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32)).eval()
+    for parameter in model.parameters():  # away from the zero-initialised start, so every weight matters
+        parameter.data += 0.05 * torch.randn_like(parameter)
+    model.save_pretrained(tmp_path)
+    AgeGenderImageProcessor(image_size=32).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, AgeGenderModel) and isinstance(processor, AgeGenderImageProcessor)
     inputs = processor(images=[face_like(1), face_like(2)], return_tensors="pt")
-    again = AutoModel.from_pretrained(saved_model).eval()
     with torch.inference_mode():
-        first, second = model(**inputs), again(**inputs)
+        first, second = model(**inputs), loaded(**inputs)
+    assert (first.age[0] - first.age[1]).abs() > 1e-3  # outputs that depend on the input
     torch.testing.assert_close(first.age, second.age, rtol=0, atol=0)
     torch.testing.assert_close(first.gender_logits, second.gender_logits, rtol=0, atol=0)
     assert first.age.shape == (2,) and first.gender_logits.shape == (2, 2) and first.age_std.shape == (2,)
@@ -163,17 +169,27 @@ def test_processor_honours_exif_orientation(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "rotated.jpg"
     stored.save(path, exif=exif, quality=95)
-    assert processor.load_rgb(path).size == (40, 20)
+    upright_again = np.asarray(processor.load_rgb(path)).astype(int)
+    assert upright_again.shape == (20, 40, 3)
+    assert abs(upright_again[10, 5] - [0, 0, 255]).sum() < 60 and abs(upright_again[10, 34] - [255, 0, 0]).sum() < 60  # blue on the left
 
 
-def test_bfloat16_weights_take_float32_pixels_and_give_float32_answers(saved_model):
-    exact = AutoModel.from_pretrained(saved_model).eval()
-    fast = AutoModel.from_pretrained(saved_model, dtype=torch.bfloat16).eval()
-    pixels = torch.randn(4, 3, 32, 32)
+def test_bfloat16_weights_take_float32_pixels_and_give_float32_answers():
+    """On the shipped model and three real faces whose ages differ by decades, so that matching answers are
+    not the trivial agreement of a model that says the same for everything."""
+    from faces import FaceAnalyzer
+
+    shipped = require_shipped_model()
+    crops = FaceAnalyzer(shipped, dtype="float32").face_crops(ROOT / "examples" / "three_portraits.jpg")
+    pixels = AutoImageProcessor.from_pretrained(shipped)(images=crops)["pixel_values"]
+    exact = AutoModel.from_pretrained(shipped).eval()
+    fast = AutoModel.from_pretrained(shipped, dtype=torch.bfloat16).eval()
     with torch.inference_mode():
         a, b = exact(pixel_values=pixels), fast(pixel_values=pixels)
     assert fast.dtype == torch.bfloat16 and b.age.dtype == b.age_std.dtype == b.gender_logits.dtype == torch.float32
+    assert a.age.max() - a.age.min() > 15
     assert torch.allclose(a.age, b.age, atol=1.0)
+    assert torch.equal(a.gender_logits.argmax(-1), b.gender_logits.argmax(-1))
 
 
 def test_batch_gives_the_same_results_as_single_images(saved_model):
@@ -221,13 +237,43 @@ def test_pipeline_returns_one_record_per_image(saved_model, tmp_path):
     path = tmp_path / "face.jpg"
     face_like(9).save(path)
     single = estimator(str(path))
-    assert set(single) == {"age", "age_interval", "gender", "gender_score"}
+    assert set(single) == {"age", "age_interval", "age_std", "gender", "gender_score"}
     assert isinstance(single["age"], float) and single["gender"] in ("male", "female")
     low, high = single["age_interval"]
     assert isinstance(low, int) and low <= single["age"] <= high
     assert 0.5 <= single["gender_score"] <= 1
     many = estimator([face_like(1), str(path), face_like(2)])
     assert len(many) == 3 and many[1] == single
+
+
+def test_processor_takes_the_standard_options_and_refuses_unknown_ones():
+    processor = AgeGenderImageProcessor(image_size=32)
+    face = face_like(5, size=48)
+    assert processor(images=face)["pixel_values"].shape == (1, 3, 32, 32)
+    assert processor(images=face, size={"height": 24, "width": 24})["pixel_values"].shape == (1, 3, 24, 24)
+    assert processor(images=face, size=16)["pixel_values"].shape == (1, 3, 16, 16)
+    assert processor(images=face, do_resize=False)["pixel_values"].shape == (1, 3, 48, 48)
+    raw = processor(images=face, do_normalize=False)["pixel_values"]
+    assert raw.min() >= 0 and raw.max() > 1  # the 0-255 scale
+    zero_one = processor(images=face, image_mean=[0, 0, 0], image_std=[1, 1, 1])["pixel_values"]
+    torch.testing.assert_close(zero_one * 255, raw)
+    with pytest.raises(TypeError, match="unexpected arguments: do_center_krop"):
+        processor(images=face, do_center_krop=True)
+    with pytest.raises(ValueError, match="same size"):
+        processor(images=[face, face_like(6, size=40)], do_resize=False)
+
+
+def test_post_processing_is_one_path_with_labels_from_the_config(saved_model):
+    model = AutoModel.from_pretrained(saved_model).eval()
+    processor = AgeGenderImageProcessor.from_pretrained(saved_model)
+    with torch.inference_mode():
+        outputs = model(**processor(images=[face_like(3), face_like(4)]))
+    records = model.post_process_age_gender(outputs, return_distributions=True)
+    assert [r["age"] for r in records] == [round(float(a), 1) for a in outputs.age]
+    assert [r["gender"] for r in records] == [model.config.id2label[int(i)] for i in outputs.gender_logits.argmax(-1)]
+    assert all(abs(sum(r["age_distribution"]) - 1) < 1e-3 and len(r["gender_probs"]) == 2 for r in records)
+    model.config.id2label = {0: "woman", 1: "man"}  # renamed labels are what the answers say
+    assert {r["gender"] for r in model.post_process_age_gender(outputs)} <= {"woman", "man"}
 
 
 @pytest.mark.parametrize(

@@ -81,9 +81,9 @@ def results_table(results: dict) -> str:
 
 
 def breakdown_text(breakdown: dict | None) -> str:
-    """Per-group figures from `training/evaluate.py`, worst age bands first."""
+    """Per-group figures from `training/eval_model.py`, worst age bands first."""
     if not breakdown:
-        return "Run `python training/evaluate.py` on this folder to add per-race, per-gender and per-age figures."
+        return "Run `python training/eval_model.py` on this folder to add per-race, per-gender and per-age figures."
     lines = []
     for group in ("age_band", "race", "gender"):
         lines += [f"\n**By {group.replace('_', ' ')}**\n", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]

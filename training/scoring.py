@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling.modeling_age_gender import age_statistics
+from modeling.modeling_age_gender import summarize_predictions
 
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "age_gender")
 
@@ -28,9 +28,8 @@ def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False
     views = [pixels, pixels.flip(-1)] if flip_tta else [pixels]
     outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
     age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
-    age, age_std = age_statistics(age_probs, model.config.min_age)
     gender_probs = torch.stack([o.gender_logits.softmax(-1) for o in outputs]).mean(0)
-    return {"age": age, "age_std": age_std, "gender_probs": gender_probs, "age_probs": age_probs}
+    return summarize_predictions(age_probs, gender_probs, model.config)
 
 
 def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: bool = False) -> dict[str, np.ndarray]:
@@ -42,8 +41,8 @@ def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: 
         batch = {
             "age_pred": prediction["age"],
             "age_std": prediction["age_std"],
-            "gender_pred": prediction["gender_probs"].argmax(-1),
-            "gender_score": prediction["gender_probs"].max(-1).values,
+            "gender_pred": prediction["gender_id"],
+            "gender_score": prediction["gender_score"],
             "age_true": age,
             "gender_true": gender,
         }

@@ -10,7 +10,6 @@ to `--output_dir`; checkpoints go to `--output_dir/checkpoints` and `--resume` c
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -18,17 +17,19 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not training/evaluate.py as `evaluate`
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project root holds modeling/
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.augment import augment_batch
@@ -137,31 +138,40 @@ def tensors_of(dataset, processor, cache_dir, limit: int | None) -> TensorDatase
     return TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"]))
 
 
-class EMA:
-    """Exponential moving average of the weights (and buffers), evaluated and shipped instead of the raw
-    weights: it smooths the noise of the last steps of training."""
+def ema_average(decay: float):
+    """The averaging rule of an exponential moving average of the weights (and buffers), for
+    `torch.optim.swa_utils.AveragedModel`. The EMA is evaluated and shipped instead of the raw weights: it
+    smooths the noise of the last steps. Its decay warms up, so that the random initial weights fade fast."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return averaged + (current - averaged) * (1 - rate)
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # warm-up: early weights fade fast
-        for shadow, live in zip(self.shadow.state_dict().values(), model.state_dict().values()):
-            if shadow.dtype.is_floating_point:
-                shadow.lerp_(live.detach(), 1 - decay)
-            else:
-                shadow.copy_(live)
+    return average
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow.state_dict(), "updates": self.updates}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow.load_state_dict(state["shadow"])
-        self.updates = state["updates"]
+@dataclass
+class Run:
+    """Everything one training loop works with, so that its steps take one argument instead of a dozen."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: torch.nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    processor: AgeGenderImageProcessor
+    state: "TrainingState"
+    output_dir: Path
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    metric: object
+    real_faces: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def eval_model(self) -> AgeGenderModel:
+        """The weights that are evaluated and shipped: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
 
 class TrainingState:
@@ -184,18 +194,7 @@ class TrainingState:
         self.command = state.get("command", self.command)
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return factor
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def validation_score(metrics: dict, real_gender_accuracy: float | None = None) -> float:
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"real-photo check: {len(genders)} faces with a perceived gender found in {args.real_photos}")
 
     model = AgeGenderModel(config).to(memory_format=torch.channels_last)
-    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
     decay = [p for p in model.parameters() if p.ndim > 1]  # weight decay on weights, not on norms and biases
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
@@ -280,14 +279,15 @@ def main(argv: list[str] | None = None) -> dict:
     test_loader = DataLoader(test_set, batch_size=256, num_workers=args.num_workers)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_scheduler, int(args.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = get_scheduler(
+        SCHEDULERS[args.lr_scheduler], optimizer, num_warmup_steps=int(args.warmup_epochs * steps_per_epoch), num_training_steps=total_steps
     )
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, scheduler
     )
     if ema is not None:
-        ema.shadow.to(accelerator.device)
+        ema.module.eval().requires_grad_(False)
+        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     state = TrainingState("accelerate launch training/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     accelerator.register_for_checkpointing(state)
@@ -302,37 +302,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to:
         accelerator.init_trackers("age_gender", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    metric = load_metric()
-
-    def eval_model() -> AgeGenderModel:
-        """The weights that are evaluated and shipped: the EMA when there is one."""
-        return ema.shadow if ema is not None else accelerator.unwrap_model(model)
-
+    run = Run(args, accelerator, model, ema, optimizer, scheduler, processor, state, output_dir, train_loader, val_loader, test_loader, load_metric(), real_faces)
     start_epoch, skip_batches = state.epoch, state.step - state.epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        train_metrics = train_one_epoch(
-            args, accelerator, model, ema, optimizer, scheduler, train_loader, processor, state, epoch, skip_batches, output_dir
-        )
-        skip_batches = 0
+        train_metrics = train_one_epoch(run, epoch, skip_batches)
         record = {"epoch": epoch + 1, "step": state.step, **{f"train_{k}": v for k, v in train_metrics.items()}}
+        skip_batches = 0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            predictions = predict_loader(eval_model(), processor, val_loader, accelerator, args.flip_tta)
-            val_metrics = score(predictions, metric)
-            record.update({f"val_{k}": v for k, v in val_metrics.items() if k != "count"})
-            record["val_loss"] = validation_loss(eval_model(), processor, val_loader)
-            real_accuracy = real_gender_accuracy(eval_model(), processor, real_faces, accelerator.device)
-            if real_accuracy is not None:
-                record["val_real_gender_accuracy"] = real_accuracy
-            if validation_score(val_metrics, real_accuracy) < state.best_score:
-                state.best_score = validation_score(val_metrics, real_accuracy)
-                record["best"] = True
-                save_best(accelerator, eval_model(), processor, output_dir / "best")
+            record.update(evaluate_epoch(run))
         state.history.append(record)
         state.epoch = epoch + 1
         accelerator.print(json.dumps(record))
         accelerator.log(record, step=state.step)
         save_checkpoint(accelerator)
-    return finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, len(train_set), real_faces)
+    return finish(run, parameters, len(train_set))
+
+
+def evaluate_epoch(run: Run) -> dict:
+    """Validation figures of the current weights; the best so far by `validation_score` are saved."""
+    model = run.eval_model()
+    val_metrics = score(predict_loader(model, run.processor, run.val_loader, run.accelerator, run.args.flip_tta), run.metric)
+    record = {f"val_{k}": v for k, v in val_metrics.items() if k != "count"}
+    record["val_loss"] = validation_loss(model, run.processor, run.val_loader, run.accelerator)
+    real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces, run.accelerator.device)
+    if real_accuracy is not None:
+        record["val_real_gender_accuracy"] = real_accuracy
+    if validation_score(val_metrics, real_accuracy) < run.state.best_score:
+        run.state.best_score = validation_score(val_metrics, real_accuracy)
+        record["best"] = True
+        save_best(run.accelerator, model, run.processor, run.output_dir / "best")
+    return record
 
 
 def save_checkpoint(accelerator: Accelerator) -> None:
@@ -365,7 +364,8 @@ def resume_from_checkpoint(args: argparse.Namespace, accelerator: Accelerator, o
         accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting afresh")
 
 
-def train_one_epoch(args, accelerator, model, ema, optimizer, scheduler, loader, processor, state, epoch, skip_batches, output_dir) -> dict:
+def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
+    args, accelerator, model, state, loader = run.args, run.accelerator, run.model, run.state, run.train_loader
     model.train()
     loader.set_epoch(epoch)
     batches = accelerator.skip_first_batches(loader, skip_batches * args.gradient_accumulation_steps) if skip_batches else loader
@@ -374,23 +374,23 @@ def train_one_epoch(args, accelerator, model, ema, optimizer, scheduler, loader,
     started = time.perf_counter()
     for pixels, age, gender in progress:
         with accelerator.accumulate(model):
-            pixel_values = processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
+            pixel_values = run.processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
             if not torch.isfinite(outputs.loss):
                 raise SystemExit(
                     f"error: the loss became {outputs.loss.item()} at step {state.step}; stopping with the last "
-                    f"checkpoint in {output_dir / 'checkpoints'} intact. Try a lower --learning_rate."
+                    f"checkpoint in {run.output_dir / 'checkpoints'} intact. Try a lower --learning_rate."
                 )
             accelerator.backward(outputs.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad()
         if accelerator.sync_gradients:
             state.step += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+            if run.ema is not None:
+                run.ema.update_parameters(accelerator.unwrap_model(model))
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator)
         count = len(age)
@@ -408,14 +408,15 @@ def train_one_epoch(args, accelerator, model, ema, optimizer, scheduler, loader,
 
 
 @torch.inference_mode()
-def validation_loss(model, processor, loader) -> float:
-    """The training loss on unaugmented validation faces, for the loss curve."""
+def validation_loss(model, processor, loader, accelerator: Accelerator) -> float:
+    """The training loss on unaugmented validation faces, for the loss curve; under DDP, summed over every
+    process's share like the predictions."""
     model.eval()
-    total, count = 0.0, 0
+    totals = torch.zeros(2, device=accelerator.device)
     for pixels, age, gender in loader:
         outputs = model(pixel_values=processor.normalize_batch(pixels.permute(0, 3, 1, 2)), age=age, gender=gender)
-        total += outputs.loss.item() * len(age)
-        count += len(age)
+        totals += torch.stack([outputs.loss.detach() * len(age), torch.tensor(float(len(age)), device=totals.device)])
+    total, count = accelerator.reduce(totals, reduction="sum").tolist()
     return total / max(count, 1)
 
 
@@ -425,9 +426,11 @@ def save_best(accelerator: Accelerator, model, processor, folder: Path) -> None:
         processor.save_pretrained(folder)
 
 
-def finish(args, accelerator, processor, val_loader, test_loader, metric, state, output_dir, parameters, train_size, real_faces=None) -> dict:
+def finish(run: Run, parameters: int, train_size: int) -> dict:
     """Reload the best model, calibrate its age interval on validation, score it on test once and write
     the model, metrics, curves and card to output_dir."""
+    args, accelerator, processor, state, output_dir = run.args, run.accelerator, run.processor, run.state, run.output_dir
+    val_loader, test_loader, metric = run.val_loader, run.test_loader, run.metric
     accelerator.wait_for_everyone()
     best = AgeGenderModel.from_pretrained(output_dir / "best").to(accelerator.device)
     val_predictions = predict_loader(best, processor, val_loader, accelerator, args.flip_tta)
@@ -444,7 +447,7 @@ def finish(args, accelerator, processor, val_loader, test_loader, metric, state,
         "train_size": train_size,
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
-        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, real_faces, accelerator.device),
+        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces, accelerator.device),
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
         "command": state.command,

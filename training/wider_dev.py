@@ -116,7 +116,7 @@ def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarra
     from faces.alignment import align_face
     from faces.analysis import detect_in_photo
     from faces.detection import RetinaFaceDetector
-    from modeling.image_processing_age_gender import open_image, pil_to_rgb
+    from modeling.image_processing_age_gender import load_rgb_image
 
     detector = RetinaFaceDetector()
     pixels, genders = [], []
@@ -124,7 +124,7 @@ def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarra
         wanted = [i for i, g in enumerate(photo.genders) if g is not None and photo.boxes[i, 3] - photo.boxes[i, 1] >= min_height]
         if not wanted:
             continue
-        image = pil_to_rgb(open_image(photo.path, processor.max_image_pixels))
+        image = load_rgb_image(photo.path, processor.max_image_pixels)
         detections = detect_in_photo(detector, image)
         matches = match_faces(photo.boxes, np.asarray([d.box for d in detections]).reshape(-1, 4))
         for i in wanted:

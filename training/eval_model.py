@@ -1,7 +1,7 @@
 """Evaluate a saved model on any split of any UTKFace source, with the fairness view: the same figures per
 race, per gender and per age band, a gender confusion matrix, and charts.
 
-    python training/evaluate.py --model model --data ../shared/datasets/UTKFace.tar.gz --split test --out reports/test
+    python training/eval_model.py --model model --data ../shared/datasets/UTKFace.tar.gz --split test --out reports/test
 
 Writes report.json and report.md, predicted_vs_true_age.png and mae_by_age.png to --out. With
 --update_card, also writes the per-group figures into the model folder's card (README.md).
@@ -14,8 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this file as `evaluate`
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project root holds modeling/
 
 import numpy as np
 import torch
