@@ -43,30 +43,36 @@ WEBCAM_INTERVAL = 0.2
 logger = logging.getLogger("age_gender_app")
 
 
-class PhotoInput(gr.Image):
-    """gr.Image that hands over the uploaded file as it is, undecoded: `FaceAnalyzer` reads it (EXIF rotation,
-    any mode, size limits) and says clearly what is wrong with a file that is not a readable image, so that the
-    page can show the message and clear the input instead of a server error."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return None if payload is None else payload.path
+# The two components below change one method of a gr.Image instance instead of subclassing gr.Image: gradio
+# writes a .pyi stub beside the source file of every Component subclass, which would put app.pyi into the
+# project each time the app starts.
 
 
-class AnnotatedImage(gr.Image):
-    """gr.Image output whose cached file is written under a temporary name and renamed into place.
+def photo_input(**kwargs) -> gr.Image:
+    """A gr.Image input that hands over the uploaded file as it is, undecoded: `FaceAnalyzer` reads it (EXIF
+    rotation, any mode, size limits) and says clearly what is wrong with a file that is not a readable image,
+    so that the page can show the message and clear the input instead of a server error."""
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = lambda payload: None if payload is None else payload.path
+    return component
+
+
+def annotated_image(**kwargs) -> gr.Image:
+    """A gr.Image output whose cached file is written under a temporary name and renamed into place.
 
     Gradio names a cached output after a hash of its bytes, so two users who send the same photo share one
     file; gradio 6.31 rewrites that file in place, and a user still downloading it got a truncated image
     ("Too little data for declared Content-Length": 4 of 309 requests under benchmarks/app_load.py)."""
+    component = gr.Image(type="pil", format="jpeg", **kwargs)
+    postprocess = component.postprocess
 
-    is_template = True
-
-    def postprocess(self, value):
+    def postprocess_atomically(value):
         if isinstance(value, Image.Image):
-            value = cache_image_atomically(value, self.GRADIO_CACHE, self.format)
-        return super().postprocess(value)
+            value = cache_image_atomically(value, component.GRADIO_CACHE, component.format)
+        return postprocess(value)
+
+    component.postprocess = postprocess_atomically
+    return component
 
 
 def cache_image_atomically(image: Image.Image, cache_dir: str, image_format: str) -> str:
@@ -164,11 +170,13 @@ def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: 
 
 def predict_photo_on_page(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False):
     """`predict_photo` for the page: a bad file leaves the page clean, with the message, the photo input
-    emptied and empty results, instead of error badges on every output."""
+    emptied and empty results, instead of error badges on every output. Every output gets a value, never
+    `gr.skip()`: gradio answers an update by rebuilding the component from its arguments, which would drop the
+    methods that `photo_input` and `annotated_image` change."""
     if image_path is None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return None, None, faces_table([]), None, None, "Upload a photo first, or click an example."
     try:
-        return gr.skip(), *predict_photo(analyzer, image_path, is_face_crop)
+        return image_path, *predict_photo(analyzer, image_path, is_face_crop)
     except gr.Error as error:
         gr.Warning(error.message)
         return None, None, faces_table([]), None, None, f"**This file could not be used:** {error.message}"
@@ -213,11 +221,11 @@ def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
         with gr.Tab("Photo"):
             with gr.Row():
                 with gr.Column():
-                    photo = PhotoInput(label="Photo", type="filepath", sources=["upload", "clipboard"], height=420)
+                    photo = photo_input(label="Photo", sources=["upload", "clipboard"], height=420)
                     is_crop = gr.Checkbox(label="This photo is already a face crop (skip detection)")
                     run = gr.Button("Estimate", variant="primary")
                 with gr.Column():
-                    annotated = AnnotatedImage(label="Faces", format="jpeg", type="pil", height=420, buttons=["download", "fullscreen"])
+                    annotated = annotated_image(label="Faces", height=420, buttons=["download", "fullscreen"])
                     message = gr.Markdown()
             table = gr.Dataframe(
                 label="One row per face, numbered as on the photo", headers=TABLE_COLUMNS, interactive=False, wrap=True,
@@ -258,7 +266,7 @@ def build_demo(analyzer: FaceAnalyzer) -> gr.Blocks:
                     webcam_options=gr.WebcamOptions(mirror=True, constraints={"video": {"width": 640, "height": 480}}),
                 )
                 with gr.Column():
-                    live = AnnotatedImage(label="Live labels", format="jpeg", type="pil")
+                    live = annotated_image(label="Live labels")
                     live_labels = gr.Textbox(label="Faces in view", interactive=False)
             camera.stream(on_frame, [camera, tracker], [live, live_labels, tracker], stream_every=WEBCAM_INTERVAL, time_limit=300, concurrency_limit=4)
     return demo

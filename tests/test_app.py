@@ -234,6 +234,7 @@ def test_python_app_py_serves_as_users_start_it():
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "torch.float32" in output  # AGE_GENDER_DTYPE chose the precision
+    assert not (ROOT / "app.pyi").exists()  # gradio writes stubs beside Component subclasses; the app has none
 
 
 def start_app_with_model(model: Path) -> subprocess.CompletedProcess:
