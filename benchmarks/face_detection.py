@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import EXAMPLES, p50_p95, timings_ms  # noqa: E402
-from faces import CHIP_SIZE, FaceAnalyzer, RetinaFaceDetector, align_face  # noqa: E402
+from faces import CHIP_SIZE, FaceAnalyzer, FaceTracker, RetinaFaceDetector, align_face, annotate  # noqa: E402
 from training.wider_dev import DEFAULT_WIDER_DEV, SIZE_BANDS, load_wider_dev, match_faces, size_band  # noqa: E402
 
 DEFAULT_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "UTKFace.tar.gz"
@@ -118,6 +118,15 @@ def speed_report(analyzer: FaceAnalyzer, repeats: int) -> None:
         assert len(analyzer.analyze(canvas).faces) == 1
         print(f"{size[0]}x{size[1]}, one face: end to end {p50_p95(timings_ms(lambda: analyzer.analyze(canvas), repeats))}; "
               f"detection {p50_p95(timings_ms(lambda: analyzer.detect(canvas), repeats))}")
+    frame = np.asarray(canvas.resize((640, 480)))
+    tracker = FaceTracker()
+
+    def webcam_frame():  # what the app's webcam tab does with each frame
+        faces = tracker.update(analyzer.analyze(frame).faces, analyzer.model.config)
+        return annotate(Image.fromarray(frame), faces)
+
+    samples = timings_ms(webcam_frame, repeats)
+    print(f"webcam frame 640x480 (analyse, smooth, draw): {p50_p95(samples)}: up to {1000 / np.median(samples):.0f} frames/s of compute")
 
 
 def main() -> None:

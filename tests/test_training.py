@@ -105,8 +105,13 @@ def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_pa
     for chart in ("predicted_vs_true_age.png", "mae_by_age.png"):
         assert (out / chart).stat().st_size > 1000
     assert "By age band" in (finished_run / "README.md").read_text()
+    from training.wider_dev import DEFAULT_WIDER_DEV
 
-    in_bfloat16 = run_evaluate(finished_run, training_data, tmp_path / "bf16", "--dtype", "bfloat16")
+    if (DEFAULT_WIDER_DEV / "label.txt").is_file():  # real photos are in the report where they are at hand
+        assert report["real_photos"]["faces"] > 500 and 0 <= report["real_photos"]["gender_accuracy"] <= 1
+        assert "Real photos (wider-dev" in (out / "report.md").read_text()
+
+    in_bfloat16 = run_evaluate(finished_run, training_data, tmp_path / "bf16", "--dtype", "bfloat16", "--real_photos", "")
     assert in_bfloat16.returncode == 0, in_bfloat16.stderr[-3000:]
     bf16_report = json.loads((tmp_path / "bf16" / "report.json").read_text())
     assert bf16_report["dtype"] == "bfloat16" and bf16_report["overall"]["count"] == report["overall"]["count"]

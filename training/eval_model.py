@@ -26,7 +26,8 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
-from training.scoring import load_metric, predict_loader, score
+from training.scoring import load_metric, predict_loader, real_gender_accuracy, score
+from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
 
@@ -79,6 +80,9 @@ def report_markdown(report: dict, title: str) -> str:
     for group in ("age_band", "race", "gender"):
         for name, m in report[group].items():
             lines.append(f"| {group.replace('_', ' ')} {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
+    if "real_photos" in report:
+        real = report["real_photos"]
+        lines += ["", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of {real['faces']} faces"]
     lines += ["", "Gender confusion (rows true, columns predicted):", "", "| | male | female |", "|---|---|---|"]
     for true, row in report["gender_confusion"].items():
         lines.append(f"| {true.removeprefix('true_')} | {row['pred_male']} | {row['pred_female']} |")
@@ -97,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--flip_tta", action="store_true", help="Average with the mirror image.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Weights and activations; bfloat16 is how faces.py runs on CPUs with native bf16.")
+    parser.add_argument(
+        "--real_photos", default=str(DEFAULT_WIDER_DEV) if DEFAULT_WIDER_DEV.is_dir() else "",
+        help="wider-dev folder: also report gender accuracy on the faces the app finds in these real photos ('' to skip).",
+    )
     parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
     return parser.parse_args(argv)
 
@@ -120,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
+    if args.real_photos:
+        real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
+        faces = (torch.from_numpy(real_pixels), torch.from_numpy(real_genders))
+        report["real_photos"] = {"faces": len(real_genders), "gender_accuracy": real_gender_accuracy(model, processor, faces, accelerator.device)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report, f"{args.model} on the {args.split} split"))
     plot_age_errors(predictions, AGE_BANDS, out)

@@ -37,7 +37,7 @@ from training.data import load_utkface, pixel_cache
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
-from training.scoring import calibrate_interval_scale, load_metric, predict_loader, score
+from training.scoring import calibrate_interval_scale, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 
@@ -202,20 +202,6 @@ def validation_score(metrics: dict, real_gender_accuracy: float | None = None) -
     real photos, their gender error counts as much as UTKFace's."""
     real_error = 0.0 if real_gender_accuracy is None else 10 * (1 - real_gender_accuracy)
     return metrics["age_mae"] + 10 * (1 - metrics["gender_accuracy"]) + real_error
-
-
-@torch.inference_mode()
-def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None, device) -> float | None:
-    """Gender accuracy on the wider-dev faces the app finds, or None without them."""
-    if faces is None:
-        return None
-    model.eval()
-    pixels, genders = faces
-    hits = 0
-    for start in range(0, len(pixels), 256):
-        batch = processor.normalize_batch(pixels[start : start + 256].permute(0, 3, 1, 2).to(device))
-        hits += (model(pixel_values=batch).gender_logits.argmax(-1).cpu() == genders[start : start + 256]).sum().item()
-    return hits / len(pixels)
 
 
 def use_the_cores(accelerator: Accelerator, num_threads: int | None) -> int:
