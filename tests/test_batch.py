@@ -135,7 +135,7 @@ def many_photos(folder: Path, count: int) -> Path:
 
 
 def test_a_killed_run_resumes_to_the_same_file(tmp_path):
-    photos = many_photos(tmp_path / "photos", 60)
+    photos = many_photos(tmp_path / "photos", 40)
     whole = tmp_path / "whole.jsonl"
     assert run_batch([str(photos), "--out", str(whole)]).wait(timeout=600) == 0
     out = tmp_path / "resumed.jsonl"
@@ -148,7 +148,7 @@ def test_a_killed_run_resumes_to_the_same_file(tmp_path):
     process.wait()
     assert not out.exists()
     written = sum(len(p.read_text().splitlines()) for p in parts.glob("part-*.jsonl"))
-    assert 0 < written < 75
+    assert 0 < written < 60  # some photos written, not all (60 rows in all)
     refused = run_batch([str(photos), "--out", str(out)])
     assert refused.wait(timeout=300) != 0 and "--resume" in refused.stdout.read()
     resumed = run_batch([str(photos), "--out", str(out), "--resume"])

@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="small", choices=sorted(PRESETS), help="Named architecture (see modeling/configuration_age_gender.py).")
     model.add_argument("--config", default=None, help="A config.json to use instead of --preset.")
+    model.add_argument(
+        "--init_from", default=None,
+        help="Start from a trained model folder (its architecture and weights; --preset, --config and --image_size are ignored), e.g. to fine-tune the shipped model.",
+    )
     model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (default: the preset's).")
     model.add_argument("--gender_label_smoothing", type=float, default=0.1)
     model.add_argument("--age_label_sigma", type=float, default=2.0, help="Std (years) of the DLDL label distribution.")
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     threads = use_the_cores(accelerator, args.num_threads)
 
-    config = build_config(args)
+    config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
     processor = AgeGenderImageProcessor(image_size=config.image_size)
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         real_faces = (torch.from_numpy(pixels), torch.from_numpy(genders))
         accelerator.print(f"real-photo check: {len(genders)} faces with a perceived gender found in {args.real_photos}")
 
-    model = AgeGenderModel(config).to(memory_format=torch.channels_last)
+    model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
     decay = [p for p in model.parameters() if p.ndim > 1]  # weight decay on weights, not on norms and biases
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
