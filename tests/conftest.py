@@ -90,3 +90,15 @@ def app_url(analyzer):
     launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests call training's and faces.batch's `main()` in-process; each builds an Accelerator, whose state is
+    process-wide. Reset it after every test, as Accelerate's own tests do."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

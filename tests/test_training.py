@@ -135,10 +135,6 @@ def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_pa
     assert abs(bf16_report["overall"]["age_mae"] - report["overall"]["age_mae"]) < 1.0
 
 
-def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
 def test_unwritable_output_dir_is_refused_before_training(training_data, tmp_path):
     from training.train import check_writable
 
@@ -149,8 +145,11 @@ def test_unwritable_output_dir_is_refused_before_training(training_data, tmp_pat
 
 
 def test_missing_dataset_names_what_was_expected(tmp_path):
-    result = run_train("--data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"))
-    assert result.returncode != 0 and "no such folder or archive" in result.stderr and "UTKFace.tar.gz" in result.stderr
+    from training.train import main
+
+    with pytest.raises(Exception, match="no such folder or archive") as refused:
+        main(["--data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+    assert "UTKFace.tar.gz" in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -166,16 +165,22 @@ def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
 
 
 def test_existing_checkpoints_need_resume_and_corrupt_ones_name_the_file(training_data, finished_run, tmp_path):
-    result = run_train("--data", str(training_data), "--output_dir", str(finished_run), "--cache_dir", str(training_data.parent / "cache"), *QUICK)
-    assert result.returncode != 0 and "pass --resume" in result.stderr
+    from training.train import main
+
+    cache = ["--cache_dir", str(training_data.parent / "cache")]
+    with pytest.raises(SystemExit, match="pass --resume"):
+        main(["--data", str(training_data), "--output_dir", str(finished_run), *cache, *QUICK])
     broken = tmp_path / "broken"
     (broken / "checkpoints" / "checkpoint_0").mkdir(parents=True)
     (broken / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"garbage")
     (broken / "checkpoints" / "checkpoint_0" / "complete").touch()
-    result = run_train("--data", str(training_data), "--output_dir", str(broken), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--resume")
-    assert result.returncode != 0 and "checkpoint_0 cannot be loaded" in result.stderr
+    with pytest.raises(SystemExit, match="checkpoint_0 cannot be loaded"):
+        main(["--data", str(training_data), "--output_dir", str(broken), *cache, *QUICK, "--resume"])
 
 
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(training_data, tmp_path):
-    result = run_train("--data", str(training_data), "--output_dir", str(tmp_path / "nan"), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--learning_rate", "1e30", "--max_grad_norm", "1e30", timeout=600)
-    assert result.returncode != 0 and "the loss became" in result.stderr and "last checkpoint" in result.stderr
+    from training.train import main
+
+    args = ["--data", str(training_data), "--output_dir", str(tmp_path / "nan"), "--cache_dir", str(training_data.parent / "cache")]
+    with pytest.raises(SystemExit, match="the loss became .* last checkpoint"):
+        main([*args, *QUICK, "--learning_rate", "1e30", "--max_grad_norm", "1e30"])
