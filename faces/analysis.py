@@ -197,10 +197,22 @@ class FaceAnalyzer:
             whole = self.predict_faces([photo])[0]
             whole.box = whole_box
             return PhotoResult(image=photo, faces=[], whole_image=whole)
-        records = self.predict_faces([align_face(photo, d.landmarks, CHIP_SIZE) for d in detections])
-        for record, detection in zip(records, detections):
-            x0, y0, x1, y1 = detection.box
-            record.box = [max(0, round(x0)), max(0, round(y0)), min(photo.width, round(x1)), min(photo.height, round(y1))]
-            record.landmarks = np.round(detection.landmarks, 1).tolist()
-            record.detection_score = round(detection.score, 3)
-        return PhotoResult(image=photo, faces=records)
+        (faces,) = self.label_detections([photo], [detections])
+        return PhotoResult(image=photo, faces=faces)
+
+    def label_detections(self, photos: list[Image.Image], detections: list[list[Detection]]) -> list[list[FaceRecord]]:
+        """The faces found in each photo, aligned and predicted in batches that span the photos, with box
+        (clipped to the photo), landmarks and detection score filled in."""
+        crops = [align_face(photo, d.landmarks, CHIP_SIZE) for photo, found in zip(photos, detections) for d in found]
+        records = iter(self.predict_faces(crops))
+        labelled = []
+        for photo, found in zip(photos, detections):
+            faces = []
+            for detection, record in zip(found, records):
+                x0, y0, x1, y1 = detection.box
+                record.box = [max(0, round(x0)), max(0, round(y0)), min(photo.width, round(x1)), min(photo.height, round(y1))]
+                record.landmarks = np.round(detection.landmarks, 1).tolist()
+                record.detection_score = round(detection.score, 3)
+                faces.append(record)
+            labelled.append(faces)
+        return labelled

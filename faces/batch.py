@@ -229,53 +229,36 @@ def share_cores(num_processes: int, device: torch.device) -> None:
 
 
 def label_items(analyzer, items: list[Item], dataset, args, writer: PartWriter, progress) -> tuple[int, int]:
-    """Detect and align the faces of `photos_per_step` items at a time, predict them together, write each item
+    """Detect the faces of `photos_per_step` items at a time, align and predict them together, write each item
     whole. Returns (images, faces) processed."""
-    from faces.alignment import align_face
     from faces.drawing import annotate
 
     images_done = faces_done = 0
     for start in range(0, len(items), args.photos_per_step):
         step = items[start : start + args.photos_per_step]
-        pictures: list[tuple[Item, int | None, object]] = []  # (item, frame, photo | failed row)
-        crops, owners = [], []
+        rows_of: dict[int, list[dict]] = {item.order: [] for item in step}
+        found: list[tuple[Item, int | None, Image.Image, list]] = []  # pictures read, with their detections
         for item in step:
             try:
                 for frame, image in item_frames(item, dataset, args.image_column, args.every):
                     try:
                         photo = analyzer.load_photo(image)
-                        detections = analyzer.detect(photo)
+                        found.append((item, frame, photo, analyzer.detect(photo)))
                     except Exception as error:  # noqa: BLE001 (any unreadable picture is reported, not fatal)
-                        pictures.append((item, frame, failed_row(item, frame, error)))
-                        continue
-                    pictures.append((item, frame, (photo, detections)))
-                    for detection in detections:
-                        crops.append(align_face(photo, detection.landmarks))
-                        owners.append(len(pictures) - 1)
+                        rows_of[item.order].append(failed_row(item, frame, error))
             except Exception as error:  # noqa: BLE001 (a video or dataset row that cannot be opened)
-                pictures.append((item, None, failed_row(item, None, error)))
-        records = analyzer.predict_faces(crops) if crops else []
-        faces_of: dict[int, list] = {}
-        for owner, record in zip(owners, records):
-            faces_of.setdefault(owner, []).append(record)
-        rows_of: dict[int, list[dict]] = {item.order: [] for item in step}
-        for index, (item, frame, content) in enumerate(pictures):
-            if isinstance(content, dict):
-                rows_of[item.order].append(content)
-                continue
-            photo, detections = content
-            faces = faces_of.get(index, [])
-            for face, detection in zip(faces, detections):
-                x0, y0, x1, y1 = detection.box
-                face.box = [max(0, round(x0)), max(0, round(y0)), min(photo.width, round(x1)), min(photo.height, round(y1))]
-                face.detection_score = round(detection.score, 3)
+                rows_of[item.order].append(failed_row(item, None, error))
+        labelled = analyzer.label_detections([photo for _, _, photo, _ in found], [detections for *_, detections in found])
+        for (item, frame, photo, _), faces in zip(found, labelled):
             rows_of[item.order].extend(face_rows(item, frame, photo.size, faces))
             if args.annotated_dir:
                 save_annotated(annotate(photo, faces), item, frame, Path(args.annotated_dir))
             images_done += 1
             faces_done += len(faces)
         for item in step:
-            writer.write_item(item, rows_of[item.order] or [failed_row(item, None, ValueError("the video has no frames"))])
+            # In frame order; a row for a video that failed part-way goes last.
+            rows = sorted(rows_of[item.order], key=lambda row: float("inf") if row["frame"] is None else row["frame"])
+            writer.write_item(item, rows or [failed_row(item, None, ValueError("the video has no frames"))])
             progress.update(1)
     return images_done, faces_done
 

@@ -64,7 +64,7 @@ def retinaface_onnx_bytes() -> bytes:
     return ast.literal_eval(literal)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)  # bounded: a collection of photos may hold thousands of sizes
 def anchors_for(height: int, width: int) -> np.ndarray:
     """Anchor centres and sizes `(N, 4)` as fractions of the input, in the order of the network's outputs."""
     grids = []
@@ -139,5 +139,6 @@ class RetinaFaceDetector:
         boxes = np.concatenate([box_centres - box_sizes / 2, box_centres + box_sizes / 2], axis=1) * np.array([width, height, width, height])
         points = centres[:, None, :] + landmark_offsets[0, chosen].reshape(-1, 5, 2) * CENTER_VARIANCE * extents[:, None, :]
         points = points * [width, height]
-        keep = non_maximum_suppression(boxes, scores[chosen], self.nms_threshold)
-        return [Detection(boxes[i].astype(np.float64), float(scores[chosen][i]), points[i].astype(np.float64)) for i in keep]
+        chosen_scores = scores[chosen]
+        keep = non_maximum_suppression(boxes, chosen_scores, self.nms_threshold)
+        return [Detection(boxes[i].astype(np.float64), float(chosen_scores[i]), points[i].astype(np.float64)) for i in keep]

@@ -245,11 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
         train_set = tensors_of(splits["train"], processor, args.cache_dir, args.max_train_samples)
         val_set = tensors_of(splits["validation"], processor, args.cache_dir, args.max_eval_samples)
         test_set = tensors_of(splits["test"], processor, args.cache_dir, args.max_eval_samples)
-    real_faces = None
-    if args.real_photos:
-        pixels, genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
-        real_faces = (torch.from_numpy(pixels), torch.from_numpy(genders))
-        accelerator.print(f"real-photo check: {len(genders)} faces with a perceived gender found in {args.real_photos}")
+        # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
+        real_faces = None
+        if args.real_photos:
+            pixels, genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
+            real_faces = (torch.from_numpy(pixels), torch.from_numpy(genders))
+    if real_faces is not None:
+        accelerator.print(f"real-photo check: {len(real_faces[1])} faces with a perceived gender found in {args.real_photos}")
 
     model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
