@@ -40,6 +40,8 @@ MAX_CHART_FACES = 10  # more curves than this are unreadable; the table lists ev
 EXAMPLE_PHOTOS = ("three_portraits.jpg", "obama.jpg", "astronaut.jpg", "chelsea_the_cat.jpg")
 # Browsers send a webcam frame this often; one 640x480 frame takes about 30 ms to analyse here.
 WEBCAM_INTERVAL = 0.2
+# The detection threshold a user may choose: below 0.3 boxes on non-faces multiply; above 0.95 real faces go.
+MIN_THRESHOLD, MAX_THRESHOLD = 0.3, 0.95
 logger = logging.getLogger("age_gender_app")
 
 
@@ -143,15 +145,15 @@ def summary_message(result: PhotoResult, seconds: float) -> str:
     return f"Found {count} face{'s' if count != 1 else ''} in {seconds * 1000:.0f} ms ({width}x{height} photo).{numbered}"
 
 
-def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False):
-    """Detect, align and label every face. Returns the annotated photo, a table, the age distributions, the
-    faces as JSON (box and landmarks in the sent photo's pixels, age, interval, gender, confidence) and a
-    message; bad input raises gr.Error."""
+def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False, min_score: float | None = None):
+    """Detect (faces scoring at least `min_score`, default the analyzer's), align and label every face. Returns
+    the annotated photo, a table, the age distributions, the faces as JSON (box and landmarks in the sent
+    photo's pixels, age, interval, gender, confidence) and a message; bad input raises gr.Error."""
     if image_path is None:
         raise gr.Error("Upload a photo first.")
     started = time.perf_counter()
     try:
-        result = analyzer.analyze(image_path, assume_face_crop=is_face_crop)
+        result = analyzer.analyze(image_path, assume_face_crop=is_face_crop, min_score=min_score)
     except InvalidImageError as error:
         raise gr.Error(str(error).replace(repr(str(image_path)), "the upload")) from error
     except Exception as error:
@@ -171,7 +173,7 @@ def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: 
     )
 
 
-def predict_photo_on_page(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False):
+def predict_photo_on_page(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: bool = False, min_score: float | None = None):
     """`predict_photo` for the page: a bad file leaves the page clean, with the message, the photo input
     emptied and empty results, instead of error badges on every output. Every output gets a value, never
     `gr.skip()`: gradio answers an update by rebuilding the component from its arguments, which would drop the
@@ -179,7 +181,7 @@ def predict_photo_on_page(analyzer: FaceAnalyzer, image_path: str | None, is_fac
     if image_path is None:
         return None, None, faces_table([]), None, None, "Upload a photo first, or click an example."
     try:
-        return image_path, *predict_photo(analyzer, image_path, is_face_crop)
+        return image_path, *predict_photo(analyzer, image_path, is_face_crop, min_score)
     except gr.Error as error:
         gr.Warning(error.message)
         return None, None, faces_table([]), None, None, f"**This file could not be used:** {error.message}"
@@ -203,16 +205,18 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
     way they come (upload, button, tick, example or API)."""
     photo_queue = {"concurrency_limit": concurrency, "concurrency_id": "photo"}
 
-    def on_photo(image_path: str | None, is_face_crop: bool = False):
-        return predict_photo(analyzer, image_path, is_face_crop)
+    default_threshold = analyzer.detector.score_threshold
 
-    def on_photo_page(image_path: str | None, is_face_crop: bool = False):
-        return predict_photo_on_page(analyzer, image_path, is_face_crop)
+    def on_photo(image_path: str | None, is_face_crop: bool = False, min_score: float = default_threshold):
+        return predict_photo(analyzer, image_path, is_face_crop, min_score)
+
+    def on_photo_page(image_path: str | None, is_face_crop: bool, min_score: float):
+        return predict_photo_on_page(analyzer, image_path, is_face_crop, min_score)
 
     def on_example(image_path: str):
-        """An example is a whole photo: detection on, whatever the box said before."""
-        photo_update, *results = predict_photo_on_page(analyzer, image_path, False)
-        return photo_update, False, *results
+        """An example is a whole photo at the default threshold: detection on, whatever the settings were."""
+        photo_update, *results = predict_photo_on_page(analyzer, image_path, False, default_threshold)
+        return photo_update, False, default_threshold, *results
 
     def on_frame(frame: np.ndarray | None, tracker: FaceTracker | None):
         return stream_webcam(analyzer, frame, tracker)
@@ -228,6 +232,10 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
                 with gr.Column():
                     photo = photo_input(label="Photo", sources=["upload", "clipboard"], height=420)
                     is_crop = gr.Checkbox(label="This photo is already a face crop (skip detection)")
+                    threshold = gr.Slider(
+                        MIN_THRESHOLD, MAX_THRESHOLD, value=default_threshold, step=0.05, label="Face detection threshold",
+                        info="Raise it if boxes land on hands, patterns or pictures; lower it to find small or blurred faces.",
+                    )
                     run = gr.Button("Estimate", variant="primary")
                 with gr.Column():
                     annotated = annotated_image(label="Faces", height=420, buttons=["download", "fullscreen"])
@@ -239,14 +247,15 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
             chart = gr.Plot(label="Age distribution of each face", format="png")
             details = gr.JSON(label="JSON", visible=False)
             outputs = [annotated, table, chart, details, message]
-            page_events = dict(fn=on_photo_page, inputs=[photo, is_crop], outputs=[photo, *outputs], api_visibility="private", **photo_queue)
+            page_events = dict(fn=on_photo_page, inputs=[photo, is_crop, threshold], outputs=[photo, *outputs], api_visibility="private", **photo_queue)
             run.click(**page_events)
             photo.upload(**page_events)
             is_crop.input(**page_events)  # a user's tick re-runs; an example resetting it does not
+            threshold.release(**page_events)
             gr.Examples(
                 examples=[[str(EXAMPLES_DIR / name)] for name in EXAMPLE_PHOTOS],
                 inputs=[photo],
-                outputs=[photo, is_crop, *outputs],
+                outputs=[photo, is_crop, threshold, *outputs],
                 fn=on_example,
                 cache_examples=False,
                 run_on_click=True,
@@ -254,7 +263,7 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
             )
             # The API endpoint: the same analysis, with errors raised to the caller instead of shown on the page.
             api_trigger = gr.Button(visible=False)
-            api_trigger.click(on_photo, [photo, is_crop], outputs, api_name="predict", **photo_queue)
+            api_trigger.click(on_photo, [photo, is_crop, threshold], outputs, api_name="predict", **photo_queue)
         with gr.Tab("Webcam"):
             gr.Markdown(
                 "Click the camera area and allow the browser to use your camera, then press the record button to "

@@ -107,15 +107,18 @@ def reading_order(boxes: list[np.ndarray]) -> list[int]:
     return [i for row in rows for i in sorted(row, key=lambda i: centres[i][0])]
 
 
-def detect_in_photo(detector: RetinaFaceDetector, photo: Image.Image, detect_side: int = 1280, min_detect_side: int = 320) -> list[Detection]:
+def detect_in_photo(
+    detector: RetinaFaceDetector, photo: Image.Image, detect_side: int = 1280, min_detect_side: int = 320, min_score: float | None = None
+) -> list[Detection]:
     """Faces in reading order, found at a long side between `min_detect_side` and `detect_side` (the photo's
-    own size where it lies between), with boxes and landmarks in the photo's own pixels."""
+    own size where it lies between), with boxes and landmarks in the photo's own pixels; `min_score` overrides
+    the detector's threshold."""
     longest = max(photo.size)
     factor = min(max(longest, min_detect_side), detect_side) / longest
     work = photo if abs(factor - 1) < 0.02 else photo.resize(
         (max(1, round(photo.width * factor)), max(1, round(photo.height * factor))), Image.Resampling.BILINEAR
     )
-    detections = [d.scaled(photo.width / work.width) for d in detector(np.asarray(work))]
+    detections = [d.scaled(photo.width / work.width) for d in detector(np.asarray(work), min_score)]
     return [detections[i] for i in reading_order([d.box for d in detections])]
 
 
@@ -130,7 +133,9 @@ class FaceAnalyzer:
             their own resolution; benchmarks/face_detection.py measures recall and time for other values.
         min_detect_side: smaller photos are enlarged to this long side for the detector, whose smallest anchor
             is 16 px.
-        min_detection_score: detections scoring below this (0-1) are dropped.
+        min_detection_score: detections scoring below this (0-1) are dropped, unless a call to `detect` or
+            `analyze` passes its own `min_score`: higher gives fewer boxes on things that are not faces (hands,
+            patterns, faces in pictures), lower finds more small and blurred faces.
         batch_size: faces predicted per forward pass.
         dtype: "auto" (bfloat16 on CPUs that compute it natively, else float32), "float32" or "bfloat16".
 
@@ -163,9 +168,12 @@ class FaceAnalyzer:
         """The photo as upright 8-bit RGB at its own size; unreadable input raises `InvalidImageError`."""
         return load_rgb_image(image, self.processor.max_image_pixels)
 
-    def detect(self, photo: Image.Image) -> list[Detection]:
-        """Faces in the photo, in reading order, with boxes and landmarks in the photo's own pixels."""
-        return detect_in_photo(self.detector, photo, self.detect_side, self.min_detect_side)
+    def detect(self, photo: Image.Image, min_score: float | None = None) -> list[Detection]:
+        """Faces in the photo, in reading order, with boxes and landmarks in the photo's own pixels; `min_score`
+        (0-1) replaces `min_detection_score` for this call."""
+        if min_score is not None and not 0 < min_score <= 1:
+            raise ValueError(f"min_score must lie in (0, 1], got {min_score}")
+        return detect_in_photo(self.detector, photo, self.detect_side, self.min_detect_side, min_score)
 
     def face_crops(self, image: ImageLike) -> list[Image.Image]:
         """The aligned crops of every face in a photo, in reading order: what the model sees, and what
@@ -183,16 +191,17 @@ class FaceAnalyzer:
             records += [FaceRecord(box=[], **r) for r in self.model.post_process_age_gender(outputs, return_distributions=True)]
         return records
 
-    def analyze(self, image: ImageLike, assume_face_crop: bool = False) -> PhotoResult:
-        """Every face in a photo, or the photo as one face when `assume_face_crop` is set. When no face is
-        found, `whole_image` holds the prediction for the photo read as a single face crop."""
+    def analyze(self, image: ImageLike, assume_face_crop: bool = False, min_score: float | None = None) -> PhotoResult:
+        """Every face in a photo scoring at least `min_score` (default `min_detection_score`), or the photo as
+        one face when `assume_face_crop` is set. When no face is found, `whole_image` holds the prediction for
+        the photo read as a single face crop."""
         photo = self.load_photo(image)
         whole_box = [0, 0, photo.width, photo.height]
         if assume_face_crop:
             face = self.predict_faces([photo])[0]
             face.box = whole_box
             return PhotoResult(image=photo, faces=[face])
-        detections = self.detect(photo)
+        detections = self.detect(photo, min_score)
         if not detections:
             whole = self.predict_faces([photo])[0]
             whole.box = whole_box

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from app import build_demo, cache_image_atomically, launch, limit_malloc_arenas, predict_photo, stream_webcam
 from bad_inputs import make_bad_files
-from conftest import EXAMPLES, ROOT, free_port, require_shipped_model
+from conftest import EXAMPLES, ROOT, blurred_cat, free_port, require_shipped_model
 from faces import FaceTracker
 
 
@@ -39,8 +39,8 @@ def bad_files(tmp_path_factory):
     return make_bad_files(tmp_path_factory.mktemp("bad"))
 
 
-def call_api(client: Client, path, is_crop: bool = False):
-    return client.predict(handle_file(str(path)), is_crop, api_name="/predict")
+def call_api(client: Client, path, is_crop: bool = False, *threshold: float):
+    return client.predict(handle_file(str(path)), is_crop, *threshold, api_name="/predict")
 
 
 def test_photo_with_several_faces_is_labelled(client):
@@ -80,6 +80,16 @@ def test_api_boxes_are_in_the_pixels_of_the_photo_sent(client, tmp_path):
 def test_face_crop_option_skips_detection(client):
     _, _, _, payload, _ = call_api(client, EXAMPLES / "chelsea_the_cat.jpg", is_crop=True)
     assert len(payload["faces"]) == 1 and payload["faces"][0]["box"] == [0, 0, 451, 300]
+
+
+def test_the_detection_threshold_reaches_the_detector_and_is_checked(client, tmp_path):
+    path = tmp_path / "blurred_cat.png"
+    blurred_cat().save(path)
+    loose = call_api(client, path, False, 0.3)[3]["faces"]
+    assert loose and min(face["detection_score"] for face in loose) >= 0.3
+    assert call_api(client, path, False, 0.95)[3]["faces"] == []
+    with pytest.raises(Exception, match="greater than maximum value 0.95"):  # gradio checks the slider's range
+        call_api(client, path, False, 0.99)
 
 
 def test_bad_file_gets_a_clear_error_and_the_server_keeps_serving(client, bad_files):

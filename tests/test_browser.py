@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, blurred_cat
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
@@ -170,3 +170,17 @@ def test_webcam_stream_shows_a_label_and_its_frame_rate(page):
             break
         page.wait_for_timeout(500)
     assert value.startswith("1: ") and re.search(r"\d+(\.\d)? frames/s", value), value
+
+
+def test_raising_the_detection_threshold_drops_a_false_face(page, tmp_path):
+    """The blurred cat shows the detector a 'face' at about 0.7: found at the default threshold, gone after a
+    click at the far end of the threshold slider (0.95), which re-runs the photo."""
+    path = tmp_path / "blurred_cat.png"
+    blurred_cat().save(path)
+    upload(page, path)
+    page.get_by_text("Found 1 face").wait_for(timeout=60_000)
+    slider = page.locator("input[type=range]").first  # the page's only slider
+    box = slider.bounding_box()
+    slider.click(position={"x": box["width"] - 1, "y": box["height"] / 2})
+    page.get_by_text("No face found").wait_for(timeout=60_000)
+    assert [r for r in table_rows(page) if any(r)] == []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import EXAMPLES, require_shipped_model
+from conftest import EXAMPLES, blurred_cat, require_shipped_model
 from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
@@ -191,3 +191,14 @@ def test_auto_dtype_uses_bfloat16_only_where_the_cpu_computes_it():
     assert resolve_dtype("float32", "cpu") == torch.float32
     with pytest.raises(ValueError, match="dtype must be 'auto', 'float32' or 'bfloat16'"):
         resolve_dtype("float16", "cpu")
+
+
+def test_a_threshold_per_call_drops_false_boxes_without_changing_the_default(analyzer):
+    loose = analyzer.analyze(blurred_cat(), min_score=0.3).faces
+    assert loose and all(face.detection_score >= 0.3 for face in loose)
+    default = analyzer.analyze(blurred_cat()).faces
+    assert [f.box for f in default] == [f.box for f in loose if f.detection_score >= analyzer.detector.score_threshold]
+    strict = analyzer.analyze(blurred_cat(), min_score=max(f.detection_score for f in loose) + 0.01)
+    assert strict.faces == [] and strict.whole_image is not None
+    with pytest.raises(ValueError, match="min_score must lie in"):
+        analyzer.analyze(blurred_cat(), min_score=0)

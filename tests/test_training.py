@@ -184,3 +184,50 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(training_data, tmp_
     args = ["--data", str(training_data), "--output_dir", str(tmp_path / "nan"), "--cache_dir", str(training_data.parent / "cache")]
     with pytest.raises(SystemExit, match="the loss became .* last checkpoint"):
         main([*args, *QUICK, "--learning_rate", "1e30", "--max_grad_norm", "1e30"])
+
+
+def test_teacher_targets_are_the_flip_averaged_distributions_and_are_cached(training_data, finished_run, tmp_path):
+    import torch
+
+    from modeling import AgeGenderImageProcessor, AgeGenderModel
+    from training.distill import teacher_targets
+
+    teacher = AgeGenderModel.from_pretrained(finished_run).eval()
+    processor = AgeGenderImageProcessor(image_size=teacher.config.image_size)
+    pixels = np.stack([processor.to_uint8(path) for path in sorted(training_data.iterdir())[:12]])
+    age, gender = teacher_targets([str(finished_run)], teacher.config, pixels, tmp_path, torch.device("cpu"))
+    faces = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        views = [teacher(pixel_values=processor.normalize_batch(v)) for v in (faces, faces.flip(-1))]
+    assert torch.allclose(age, (views[0].age_logits.softmax(-1) + views[1].age_logits.softmax(-1)) / 2, atol=1e-5)
+    assert torch.allclose(gender, (views[0].gender_logits.softmax(-1) + views[1].gender_logits.softmax(-1)) / 2, atol=1e-5)
+    assert len(list((tmp_path / "teachers").glob("*.npz"))) == 1
+    cached_age, cached_gender = teacher_targets([str(finished_run)], teacher.config, pixels, tmp_path, torch.device("cpu"))
+    assert torch.allclose(cached_age, age, atol=1e-3) and torch.allclose(cached_gender, gender, atol=1e-3)
+
+
+def test_distillation_loss_vanishes_only_when_the_student_agrees():
+    import torch
+
+    from training.distill import distillation_loss
+
+    teacher_age = torch.softmax(torch.randn(4, 117), -1)
+    teacher_gender = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.6, 0.4]])
+    agreeing = distillation_loss(teacher_age.log(), teacher_gender.log(), teacher_age, teacher_gender, gender_weight=5.0)
+    assert abs(agreeing.item()) < 1e-5
+    logits = torch.zeros(4, 117, requires_grad=True)
+    disagreeing = distillation_loss(logits, teacher_gender.flip(-1).log(), teacher_age, teacher_gender, gender_weight=5.0)
+    disagreeing.backward()
+    assert disagreeing.item() > 0.1 and logits.grad.abs().sum() > 0
+
+
+def test_a_run_distils_from_a_trained_model_and_refuses_unusable_teachers(training_data, finished_run, tmp_path):
+    from training.train import main
+
+    args = ["--data", str(training_data), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--epochs", "1"]
+    results = main([*args, "--output_dir", str(tmp_path / "student"), "--distill_from", str(finished_run), str(finished_run)])
+    assert (tmp_path / "student" / "model.safetensors").is_file() and len(results["history"]) == 1
+    with pytest.raises(SystemExit, match="no trained model there"):
+        main([*args, "--output_dir", str(tmp_path / "a"), "--distill_from", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="image_size differ"):
+        main([*args, "--output_dir", str(tmp_path / "b"), "--image_size", "48", "--distill_from", str(finished_run)])

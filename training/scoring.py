@@ -21,15 +21,27 @@ def load_metric() -> evaluate.EvaluationModule:
 
 
 @torch.inference_mode()
-def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
-    """Age, age spread and gender probabilities for uint8 `(N, H, W, 3)` faces; with `flip_tta` the
-    mirror image is predicted too and the two averaged."""
+def face_distributions(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Age and gender distributions for uint8 `(N, H, W, 3)` faces; with `flip_tta` the mirror image is
+    predicted too and the two averaged."""
     pixels = pixels.permute(0, 3, 1, 2)
     views = [pixels, pixels.flip(-1)] if flip_tta else [pixels]
     outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
     age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
     gender_probs = torch.stack([o.gender_logits.softmax(-1) for o in outputs]).mean(0)
-    return summarize_predictions(age_probs, gender_probs, model.config)
+    return age_probs, gender_probs
+
+
+def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+    """Age, age spread and gender probabilities for uint8 `(N, H, W, 3)` faces (see `face_distributions`)."""
+    return summarize_predictions(*face_distributions(model, processor, pixels, flip_tta), model.config)
+
+
+def predict_distributions(model, processor, faces: torch.Tensor, flip_tta: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """`face_distributions` of many faces in batches on the model's device, returned on the CPU."""
+    model.eval()
+    parts = [face_distributions(model, processor, faces[i : i + batch_size].to(model.device), flip_tta) for i in range(0, len(faces), batch_size)]
+    return torch.cat([age.cpu() for age, _ in parts]), torch.cat([gender.cpu() for _, gender in parts])
 
 
 def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: bool = False) -> dict[str, np.ndarray]:

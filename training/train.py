@@ -33,7 +33,8 @@ from transformers import get_scheduler
 
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.augment import augment_batch
-from training.data import load_utkface, pixel_cache
+from training.data import default_cache_dir, load_utkface, pixel_cache
+from training.distill import distillation_loss, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Start from a trained model folder (its architecture and weights; --preset, --config and --image_size are ignored), e.g. to fine-tune the shipped model.",
     )
     model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (default: the preset's).")
+    model.add_argument(
+        "--distill_from", nargs="+", default=None, metavar="MODEL_DIR",
+        help="Trained model folders (same input size): also learn their averaged age and gender distributions on each training face.",
+    )
+    model.add_argument("--distill_weight", type=float, default=1.0, help="Weight of the distillation loss beside the supervised one.")
     model.add_argument("--gender_label_smoothing", type=float, default=0.1)
     model.add_argument("--age_label_sigma", type=float, default=2.0, help="Std (years) of the DLDL label distribution.")
     model.add_argument(
@@ -243,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
         train_set = tensors_of(splits["train"], processor, args.cache_dir, args.max_train_samples)
+        if args.distill_from:  # the teachers' distributions ride along with each training face
+            targets = teacher_targets(args.distill_from, config, train_set.tensors[0].numpy(), args.cache_dir or default_cache_dir(), accelerator.device)
+            train_set = TensorDataset(*train_set.tensors, *targets)
         val_set = tensors_of(splits["validation"], processor, args.cache_dir, args.max_eval_samples)
         test_set = tensors_of(splits["test"], processor, args.cache_dir, args.max_eval_samples)
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
@@ -364,16 +373,20 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
     totals = {"loss": 0.0, "mae": 0.0, "accuracy": 0.0, "count": 0}
     progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
     started = time.perf_counter()
-    for pixels, age, gender in progress:
+    for pixels, age, gender, *teacher in progress:
         with accelerator.accumulate(model):
             pixel_values = run.processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
-            if not torch.isfinite(outputs.loss):
+            loss = outputs.loss
+            if teacher:
+                gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight
+                loss = loss + args.distill_weight * distillation_loss(outputs.age_logits, outputs.gender_logits, *teacher, gender_weight)
+            if not torch.isfinite(loss):
                 raise SystemExit(
-                    f"error: the loss became {outputs.loss.item()} at step {state.step}; stopping with the last "
+                    f"error: the loss became {loss.item()} at step {state.step}; stopping with the last "
                     f"checkpoint in {run.output_dir / 'checkpoints'} intact. Try a lower --learning_rate."
                 )
-            accelerator.backward(outputs.loss)
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             run.optimizer.step()
@@ -386,7 +399,7 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator)
         count = len(age)
-        totals["loss"] += outputs.loss.item() * count
+        totals["loss"] += loss.item() * count
         totals["mae"] += (outputs.age.detach() - age).abs().sum().item()
         totals["accuracy"] += (outputs.gender_logits.argmax(-1) == gender).sum().item()
         totals["count"] += count

@@ -1,0 +1,66 @@
+"""Knowledge distillation from trained models (an ensemble) into the one model that is trained.
+
+Each teacher sees every training face once, clean and mirrored; the student is asked to give the averaged
+age and gender distributions from the augmented and degraded view it trains on. An ensemble is more accurate
+than any of its members, and its soft targets carry what one label cannot (how male a face looks, which ages
+it could be), while inference costs one small model as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from training.scoring import predict_distributions
+
+
+def load_teachers(folders: list[str], config: AgeGenderConfig) -> list[AgeGenderModel]:
+    """The teacher models, checked to read the student's input and predict over its age bins."""
+    teachers = []
+    for folder in folders:
+        if not (Path(folder) / "config.json").is_file():
+            raise SystemExit(f"error: --distill_from {folder}: no trained model there (config.json is missing)")
+        teacher = AgeGenderModel.from_pretrained(folder).eval()
+        mismatched = [k for k in ("image_size", "min_age", "max_age") if getattr(teacher.config, k) != getattr(config, k)]
+        if mismatched:
+            raise SystemExit(f"error: --distill_from {folder}: its {', '.join(mismatched)} differ from the model being trained")
+        teachers.append(teacher)
+    return teachers
+
+
+def teacher_targets(
+    folders: list[str], config: AgeGenderConfig, pixels: np.ndarray, cache_dir: Path, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Age `(N, num_ages)` and gender `(N, 2)` distributions of the teachers' flip-averaged ensemble for uint8
+    `(N, S, S, 3)` faces. A few minutes on a CPU, so cached, keyed by the teachers' weights and the pixels."""
+    digest = hashlib.sha1(np.ascontiguousarray(pixels).tobytes())
+    for folder in folders:
+        digest.update((Path(folder) / "model.safetensors").read_bytes() if (Path(folder) / "model.safetensors").is_file() else folder.encode())
+    cache = Path(cache_dir) / "teachers" / f"{digest.hexdigest()[:20]}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return torch.from_numpy(stored["age"]).float(), torch.from_numpy(stored["gender"]).float()
+    processor = AgeGenderImageProcessor(image_size=config.image_size)
+    faces = torch.from_numpy(np.asarray(pixels))
+    age, gender = 0.0, 0.0
+    for teacher in load_teachers(folders, config):
+        teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True)
+        age, gender = age + teacher_age / len(folders), gender + teacher_gender / len(folders)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_suffix(".partial.npz")
+    np.savez(staging, age=age.half().numpy(), gender=gender.half().numpy())
+    staging.replace(cache)
+    return age, gender
+
+
+def distillation_loss(age_logits: torch.Tensor, gender_logits: torch.Tensor, teacher_age: torch.Tensor, teacher_gender: torch.Tensor, gender_weight: float) -> torch.Tensor:
+    """KL divergence from the teachers' distributions to the student's, the gender term weighted as in the
+    supervised loss."""
+    age = F.kl_div(age_logits.log_softmax(-1), teacher_age, reduction="batchmean")
+    gender = F.kl_div(gender_logits.log_softmax(-1), teacher_gender, reduction="batchmean")
+    return age + gender_weight * gender
