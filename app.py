@@ -234,7 +234,8 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
                     is_crop = gr.Checkbox(label="This photo is already a face crop (skip detection)")
                     threshold = gr.Slider(
                         MIN_THRESHOLD, MAX_THRESHOLD, value=default_threshold, step=0.05, label="Face detection threshold",
-                        info="Raise it if boxes land on hands, patterns or pictures; lower it to find small or blurred faces.",
+                        info="Raise it if boxes land on hands, patterns or pictures; lower it to find small or blurred faces. "
+                        "The photo re-runs when you let go (after typing a value, press Estimate).",
                     )
                     run = gr.Button("Estimate", variant="primary")
                 with gr.Column():

@@ -174,7 +174,7 @@ def test_webcam_stream_shows_a_label_and_its_frame_rate(page):
 
 def test_raising_the_detection_threshold_drops_a_false_face(page, tmp_path):
     """The blurred cat shows the detector a 'face' at about 0.7: found at the default threshold, gone after a
-    click at the far end of the threshold slider (0.95), which re-runs the photo."""
+    click at the far end of the threshold slider (0.95), which re-runs the photo; back after its reset."""
     path = tmp_path / "blurred_cat.png"
     blurred_cat().save(path)
     upload(page, path)
@@ -184,3 +184,6 @@ def test_raising_the_detection_threshold_drops_a_false_face(page, tmp_path):
     slider.click(position={"x": box["width"] - 1, "y": box["height"] / 2})
     page.get_by_text("No face found").wait_for(timeout=60_000)
     assert [r for r in table_rows(page) if any(r)] == []
+    page.locator(".reset-button").first.click()  # the slider's own reset: back to 0.5, and the face with it
+    page.get_by_text("Found 1 face").wait_for(timeout=60_000)
+    assert len(wait_for_rows(page, 1)) == 1
