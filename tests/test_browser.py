@@ -103,6 +103,7 @@ def test_group_photo_is_numbered_alike_on_photo_table_and_chart(page, tmp_path):
         assert low <= int(row[1]) <= high
     chart = page.locator("img[src^='data:image/png'], .js-plotly-plot, canvas, svg").filter(visible=True)
     assert page.get_by_text("Age distribution of each face").count() == 1 and chart.count() >= 1
+    assert page.get_by_text("a gender under 90% confidence is a guess").is_visible()  # what the confidence is worth
     page.wait_for_timeout(500)
     shot = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
