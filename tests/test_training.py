@@ -189,20 +189,23 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(training_data, tmp_
 def test_teacher_targets_are_the_flip_averaged_distributions_and_are_cached(training_data, finished_run, tmp_path):
     import torch
 
-    from modeling import AgeGenderImageProcessor, AgeGenderModel
+    from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+    from training.data import load_utkface
     from training.distill import teacher_targets
 
+    faces = load_utkface(training_data, tmp_path, verbose=False)["train"].select(range(12))
     teacher = AgeGenderModel.from_pretrained(finished_run).eval()
-    processor = AgeGenderImageProcessor(image_size=teacher.config.image_size)
-    pixels = np.stack([processor.to_uint8(path) for path in sorted(training_data.iterdir())[:12]])
-    age, gender = teacher_targets([str(finished_run)], teacher.config, pixels, tmp_path, torch.device("cpu"))
-    faces = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    student = AgeGenderConfig.from_preset("small", image_size=48)  # a teacher reads the faces at its own size
+    age, gender = teacher_targets([str(finished_run)], student, faces, tmp_path, torch.device("cpu"))
+    processor = AgeGenderImageProcessor.from_pretrained(finished_run)
+    pixels = torch.from_numpy(np.stack([processor.to_uint8(training_data / name) for name in faces["file_name"]])).permute(0, 3, 1, 2)
     with torch.no_grad():
-        views = [teacher(pixel_values=processor.normalize_batch(v)) for v in (faces, faces.flip(-1))]
+        views = [teacher(pixel_values=processor.normalize_batch(v)) for v in (pixels, pixels.flip(-1))]
+    assert pixels.shape[-1] == 32 and age.shape == (12, 117)
     assert torch.allclose(age, (views[0].age_logits.softmax(-1) + views[1].age_logits.softmax(-1)) / 2, atol=1e-5)
     assert torch.allclose(gender, (views[0].gender_logits.softmax(-1) + views[1].gender_logits.softmax(-1)) / 2, atol=1e-5)
     assert len(list((tmp_path / "teachers").glob("*.npz"))) == 1
-    cached_age, cached_gender = teacher_targets([str(finished_run)], teacher.config, pixels, tmp_path, torch.device("cpu"))
+    cached_age, cached_gender = teacher_targets([str(finished_run)], student, faces, tmp_path, torch.device("cpu"))
     assert torch.allclose(cached_age, age, atol=1e-3) and torch.allclose(cached_gender, gender, atol=1e-3)
 
 
@@ -222,6 +225,7 @@ def test_distillation_loss_vanishes_only_when_the_student_agrees():
 
 
 def test_a_run_distils_from_a_trained_model_and_refuses_unusable_teachers(training_data, finished_run, tmp_path):
+    from modeling import AgeGenderConfig, AgeGenderModel
     from training.train import main
 
     args = ["--data", str(training_data), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--epochs", "1"]
@@ -229,5 +233,7 @@ def test_a_run_distils_from_a_trained_model_and_refuses_unusable_teachers(traini
     assert (tmp_path / "student" / "model.safetensors").is_file() and len(results["history"]) == 1
     with pytest.raises(SystemExit, match="no trained model there"):
         main([*args, "--output_dir", str(tmp_path / "a"), "--distill_from", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match="image_size differ"):
-        main([*args, "--output_dir", str(tmp_path / "b"), "--image_size", "48", "--distill_from", str(finished_run)])
+    other_ages = tmp_path / "other_ages"
+    AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32, max_age=80)).save_pretrained(other_ages)
+    with pytest.raises(SystemExit, match="its max_age differ"):
+        main([*args, "--output_dir", str(tmp_path / "b"), "--distill_from", str(other_ages)])

@@ -1,6 +1,6 @@
 """Knowledge distillation from trained models (an ensemble) into the one model that is trained.
 
-Each teacher sees every training face once, clean and mirrored; the student is asked to give the averaged
+Each teacher sees every training face once, clean and mirrored, at its own input size; the student is asked to give the averaged
 age and gender distributions from the augmented and degraded view it trains on. An ensemble is more accurate
 than any of its members, and its soft targets carry what one label cannot (how male a face looks, which ages
 it could be), while inference costs one small model as before.
@@ -16,39 +16,38 @@ import torch
 import torch.nn.functional as F
 
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from training.data import pixel_cache
 from training.scoring import predict_distributions
 
 
-def load_teachers(folders: list[str], config: AgeGenderConfig) -> list[AgeGenderModel]:
-    """The teacher models, checked to read the student's input and predict over its age bins."""
-    teachers = []
-    for folder in folders:
-        if not (Path(folder) / "config.json").is_file():
-            raise SystemExit(f"error: --distill_from {folder}: no trained model there (config.json is missing)")
-        teacher = AgeGenderModel.from_pretrained(folder).eval()
-        mismatched = [k for k in ("image_size", "min_age", "max_age") if getattr(teacher.config, k) != getattr(config, k)]
-        if mismatched:
-            raise SystemExit(f"error: --distill_from {folder}: its {', '.join(mismatched)} differ from the model being trained")
-        teachers.append(teacher)
-    return teachers
+def load_teacher(folder: str, config: AgeGenderConfig) -> tuple[AgeGenderModel, AgeGenderImageProcessor]:
+    """A teacher and its own image processor, checked to predict over the student's age bins. Its input size
+    may differ from the student's (a larger teacher at a higher resolution): it reads the faces at its own."""
+    if not (Path(folder) / "config.json").is_file():
+        raise SystemExit(f"error: --distill_from {folder}: no trained model there (config.json is missing)")
+    teacher = AgeGenderModel.from_pretrained(folder).eval()
+    mismatched = [k for k in ("min_age", "max_age") if getattr(teacher.config, k) != getattr(config, k)]
+    if mismatched:
+        raise SystemExit(f"error: --distill_from {folder}: its {', '.join(mismatched)} differ from the model being trained")
+    return teacher, AgeGenderImageProcessor.from_pretrained(folder)
 
 
-def teacher_targets(
-    folders: list[str], config: AgeGenderConfig, pixels: np.ndarray, cache_dir: Path, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Age `(N, num_ages)` and gender `(N, 2)` distributions of the teachers' flip-averaged ensemble for uint8
-    `(N, S, S, 3)` faces. A few minutes on a CPU, so cached, keyed by the teachers' weights and the pixels."""
-    digest = hashlib.sha1(np.ascontiguousarray(pixels).tobytes())
+def teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Age `(N, num_ages)` and gender `(N, 2)` distributions of the teachers' flip-averaged ensemble for the
+    faces of a UTKFace `dataset`, each teacher reading them at its own input size. Minutes on a CPU, so cached,
+    keyed by the teachers' weights and the faces."""
+    digest = hashlib.sha1("|".join(dataset["sha1"]).encode())
     for folder in folders:
-        digest.update((Path(folder) / "model.safetensors").read_bytes() if (Path(folder) / "model.safetensors").is_file() else folder.encode())
+        weights = Path(folder) / "model.safetensors"
+        digest.update(weights.read_bytes() if weights.is_file() else folder.encode())
     cache = Path(cache_dir) / "teachers" / f"{digest.hexdigest()[:20]}.npz"
     if cache.is_file():
         with np.load(cache) as stored:
             return torch.from_numpy(stored["age"]).float(), torch.from_numpy(stored["gender"]).float()
-    processor = AgeGenderImageProcessor(image_size=config.image_size)
-    faces = torch.from_numpy(np.asarray(pixels))
     age, gender = 0.0, 0.0
-    for teacher in load_teachers(folders, config):
+    for folder in folders:
+        teacher, processor = load_teacher(folder, config)
+        faces = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
         teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True)
         age, gender = age + teacher_age / len(folders), gender + teacher_gender / len(folders)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (default: the preset's).")
     model.add_argument(
         "--distill_from", nargs="+", default=None, metavar="MODEL_DIR",
-        help="Trained model folders (same input size): also learn their averaged age and gender distributions on each training face.",
+        help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
     model.add_argument("--distill_weight", type=float, default=1.0, help="Weight of the distillation loss beside the supervised one.")
     model.add_argument("--gender_label_smoothing", type=float, default=0.1)
@@ -141,9 +141,12 @@ def build_config(args: argparse.Namespace) -> AgeGenderConfig:
     return AgeGenderConfig.from_preset(args.preset, **overrides)
 
 
-def tensors_of(dataset, processor, cache_dir, limit: int | None) -> TensorDataset:
-    if limit is not None:  # a random subset: the rows are sorted by file name, hence by age
-        dataset = dataset.shuffle(seed=0).select(range(min(limit, len(dataset))))
+def subset(dataset, limit: int | None):
+    """The first `limit` rows of a fixed shuffle (the rows are sorted by file name, hence by age), or all."""
+    return dataset if limit is None else dataset.shuffle(seed=0).select(range(min(limit, len(dataset))))
+
+
+def tensors_of(dataset, processor, cache_dir) -> TensorDataset:
     pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
     return TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"]))
 
@@ -248,12 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
     processor = AgeGenderImageProcessor(image_size=config.image_size)
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
-        train_set = tensors_of(splits["train"], processor, args.cache_dir, args.max_train_samples)
+        train_faces = subset(splits["train"], args.max_train_samples)
+        train_set = tensors_of(train_faces, processor, args.cache_dir)
         if args.distill_from:  # the teachers' distributions ride along with each training face
-            targets = teacher_targets(args.distill_from, config, train_set.tensors[0].numpy(), args.cache_dir or default_cache_dir(), accelerator.device)
+            targets = teacher_targets(args.distill_from, config, train_faces, args.cache_dir or default_cache_dir(), accelerator.device)
             train_set = TensorDataset(*train_set.tensors, *targets)
-        val_set = tensors_of(splits["validation"], processor, args.cache_dir, args.max_eval_samples)
-        test_set = tensors_of(splits["test"], processor, args.cache_dir, args.max_eval_samples)
+        val_set = tensors_of(subset(splits["validation"], args.max_eval_samples), processor, args.cache_dir)
+        test_set = tensors_of(subset(splits["test"], args.max_eval_samples), processor, args.cache_dir)
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
         real_faces = None
         if args.real_photos:
