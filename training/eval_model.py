@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
         faces = (torch.from_numpy(real_pixels), torch.from_numpy(real_genders))
-        report["real_photos"] = {"faces": len(real_genders), "gender_accuracy": real_gender_accuracy(model, processor, faces, accelerator.device)}
+        report["real_photos"] = {"faces": len(real_genders), "gender_accuracy": real_gender_accuracy(model, processor, faces)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report, f"{args.model} on the {args.split} split"))
     plot_age_errors(predictions, AGE_BANDS, out)

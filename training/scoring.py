@@ -80,15 +80,10 @@ def calibrate_interval_scale(predictions: dict[str, np.ndarray], coverage: float
     return float(np.quantile(ratios, coverage))
 
 
-@torch.inference_mode()
-def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None, device) -> float | None:
+def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
     """Gender accuracy on the wider-dev faces the app finds, or None without them."""
     if faces is None:
         return None
-    model.eval()
     pixels, genders = faces
-    hits = 0
-    for start in range(0, len(pixels), 256):
-        batch = processor.normalize_batch(pixels[start : start + 256].permute(0, 3, 1, 2).to(device))
-        hits += (model(pixel_values=batch).gender_logits.argmax(-1).cpu() == genders[start : start + 256]).sum().item()
-    return hits / len(pixels)
+    _, gender_probs = predict_distributions(model, processor, pixels)
+    return (gender_probs.argmax(-1) == genders).float().mean().item()

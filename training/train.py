@@ -329,7 +329,7 @@ def evaluate_epoch(run: Run) -> dict:
     val_metrics = score(predict_loader(model, run.processor, run.val_loader, run.accelerator, run.args.flip_tta), run.metric)
     record = {f"val_{k}": v for k, v in val_metrics.items() if k != "count"}
     record["val_loss"] = validation_loss(model, run.processor, run.val_loader, run.accelerator)
-    real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces, run.accelerator.device)
+    real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces)
     if real_accuracy is not None:
         record["val_real_gender_accuracy"] = real_accuracy
     if validation_score(val_metrics, real_accuracy) < run.state.best_score:
@@ -377,13 +377,13 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
     totals = {"loss": 0.0, "mae": 0.0, "accuracy": 0.0, "count": 0}
     progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
     started = time.perf_counter()
+    gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight  # for the distillation loss
     for pixels, age, gender, *teacher in progress:
         with accelerator.accumulate(model):
             pixel_values = run.processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
             loss = outputs.loss
             if teacher:
-                gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight
                 loss = loss + args.distill_weight * distillation_loss(outputs.age_logits, outputs.gender_logits, *teacher, gender_weight)
             if not torch.isfinite(loss):
                 raise SystemExit(
@@ -456,7 +456,7 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
         "train_size": train_size,
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
-        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces, accelerator.device),
+        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces),
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
         "command": state.command,
