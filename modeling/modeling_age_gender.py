@@ -32,6 +32,9 @@ class AgeGenderOutput(ModelOutput):
             Logits over whole years `config.min_age` to `config.max_age`; softmax gives the distribution.
         gender_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
             Logits of the classes in `config.id2label` (0 male, 1 female).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_sizes[-1])`):
+            The pooled backbone features that both heads read: a face embedding, and what training's auxiliary
+            targets (`training/descriptors.py`) are predicted from.
     """
 
     loss: torch.FloatTensor | None = None
@@ -39,6 +42,7 @@ class AgeGenderOutput(ModelOutput):
     age_std: torch.FloatTensor | None = None
     age_logits: torch.FloatTensor | None = None
     gender_logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
 
 
 class ConvBnAct(nn.Sequential):
@@ -246,7 +250,8 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
                 gender_logits, gender.long(), label_smoothing=self.config.gender_label_smoothing
             )
         output = AgeGenderOutput(
-            loss=loss, age=expected_age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits
+            loss=loss, age=expected_age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits,
+            pooler_output=features,
         )
         return output if return_dict is not False else output.to_tuple()
 

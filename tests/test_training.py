@@ -237,3 +237,70 @@ def test_a_run_distils_from_a_trained_model_and_refuses_unusable_teachers(traini
     AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32, max_age=80)).save_pretrained(other_ages)
     with pytest.raises(SystemExit, match="its max_age differ"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--distill_from", str(other_ages)])
+
+
+def example_face_crops() -> list[np.ndarray]:
+    """UTKFace-style crops (200 px, the app's detector and aligner) of two people in the shipped example photos."""
+    from PIL import Image
+
+    from faces.alignment import align_face
+    from faces.analysis import detect_in_photo
+    from faces.detection import RetinaFaceDetector
+
+    from conftest import EXAMPLES
+
+    detector = RetinaFaceDetector()
+    crops = []
+    for name in ("obama.jpg", "astronaut.jpg"):
+        photo = Image.open(EXAMPLES / name).convert("RGB")
+        crops.append(np.asarray(align_face(photo, detect_in_photo(detector, photo)[0].landmarks)))
+    return crops
+
+
+def test_descriptors_place_one_person_together_through_degradation_and_are_cached(tmp_path):
+    import torch
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from training.descriptors import face_descriptors, utkface_descriptor
+
+    obama, astronaut = example_face_crops()
+    small_blurred = np.asarray(Image.fromarray(obama).resize((40, 40)).resize((200, 200), Image.Resampling.BILINEAR))
+    same, other = (np.linalg.norm(utkface_descriptor(obama) - utkface_descriptor(face)) for face in (small_blurred, astronaut))
+    assert same < 0.6 < other  # dlib's own threshold for "the same person"
+
+    paths = []
+    for i, crop in enumerate((obama, astronaut, small_blurred)):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(crop).save(paths[-1], quality=95)
+    faces = Dataset.from_dict({"image": [str(p) for p in paths], "sha1": [f"{i}" for i in range(3)]}).cast_column("image", ImageFeature())
+    parallel = face_descriptors(faces, tmp_path / "cache", workers=2)
+    assert parallel.shape == (3, 128)
+    assert torch.allclose(parallel[0], torch.from_numpy(utkface_descriptor(np.asarray(Image.open(paths[0])))), atol=1e-5)
+    assert len(list((tmp_path / "cache" / "descriptors").glob("*.npy"))) == 1
+    assert torch.equal(face_descriptors(faces, tmp_path / "cache", workers=1), parallel)
+
+
+def test_descriptor_loss_is_a_cosine_distance_with_gradients():
+    import torch
+
+    from training.descriptors import descriptor_loss
+
+    target = torch.randn(4, 128)
+    assert abs(descriptor_loss(3 * target, target).item()) < 1e-5  # the direction, not the length
+    predicted = torch.randn(4, 128, requires_grad=True)
+    loss = descriptor_loss(predicted, target)
+    loss.backward()
+    assert 0.5 < loss.item() < 1.5 and predicted.grad.abs().sum() > 0
+    assert abs(descriptor_loss(-target, target).item() - 2) < 1e-5
+
+
+def test_a_run_learns_descriptors_and_ships_no_trace_of_them(training_data, finished_run, tmp_path):
+    from training.train import main
+
+    args = ["--data", str(training_data), "--cache_dir", str(training_data.parent / "cache"), *QUICK, "--epochs", "1"]
+    main([*args, "--output_dir", str(tmp_path / "run"), "--descriptor_weight", "5", "--checkpointing_steps", "0"])
+    assert set(load_file(tmp_path / "run" / "model.safetensors")) == set(load_file(finished_run / "model.safetensors"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_type"] == "age_gender_cnn"
+    assert len(list((training_data.parent / "cache" / "descriptors").glob("*.npy"))) == 1

@@ -34,6 +34,7 @@ from transformers import get_scheduler
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.augment import augment_batch
 from training.data import default_cache_dir, load_utkface, pixel_cache
+from training.descriptors import DESCRIPTOR_SIZE, DescriptorUnavailableError, descriptor_loss, face_descriptors
 from training.distill import distillation_loss, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
     model.add_argument("--distill_weight", type=float, default=1.0, help="Weight of the distillation loss beside the supervised one.")
+    model.add_argument(
+        "--descriptor_weight", type=float, default=0.0,
+        help="Also learn to predict dlib's face-recognition descriptor of each clean training face from its degraded view, with this weight (0: off; needs dlib-bin and face_recognition_models; see training/descriptors.py).",
+    )
     model.add_argument("--gender_label_smoothing", type=float, default=0.1)
     model.add_argument("--age_label_sigma", type=float, default=2.0, help="Std (years) of the DLDL label distribution.")
     model.add_argument(
@@ -181,6 +186,7 @@ class Run:
     test_loader: DataLoader
     metric: object
     real_faces: tuple[torch.Tensor, torch.Tensor] | None = None
+    projection: torch.nn.Module | None = None  # pooled features -> descriptor, with --descriptor_weight
 
     def eval_model(self) -> AgeGenderModel:
         """The weights that are evaluated and shipped: the EMA when there is one."""
@@ -256,6 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.distill_from:  # the teachers' distributions ride along with each training face
             targets = teacher_targets(args.distill_from, config, train_faces, args.cache_dir or default_cache_dir(), accelerator.device)
             train_set = TensorDataset(*train_set.tensors, *targets)
+        if args.descriptor_weight > 0:  # and so does dlib's descriptor of it
+            try:
+                descriptors = face_descriptors(train_faces, args.cache_dir or default_cache_dir())
+            except DescriptorUnavailableError as error:
+                raise SystemExit(f"error: {error}") from error
+            train_set = TensorDataset(*train_set.tensors, descriptors)
         val_set = tensors_of(subset(splits["validation"], args.max_eval_samples), processor, args.cache_dir)
         test_set = tensors_of(subset(splits["test"], args.max_eval_samples), processor, args.cache_dir)
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
@@ -268,8 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
-    decay = [p for p in model.parameters() if p.ndim > 1]  # weight decay on weights, not on norms and biases
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # The descriptor is predicted from the pooled features by a projection that is trained, then dropped.
+    projection = torch.nn.Linear(model.backbone.out_features, DESCRIPTOR_SIZE) if args.descriptor_weight > 0 else None
+    trainable = list(model.parameters()) + (list(projection.parameters()) if projection is not None else [])
+    decay = [p for p in trainable if p.ndim > 1]  # weight decay on weights, not on norms and biases
+    no_decay = [p for p in trainable if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
@@ -290,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, scheduler
     )
+    if projection is not None:
+        projection = accelerator.prepare(projection)  # after the model, so checkpoints keep their order
     if ema is not None:
         ema.module.eval().requires_grad_(False)
         ema.to(accelerator.device)
@@ -307,7 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to:
         accelerator.init_trackers("age_gender", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    run = Run(args, accelerator, model, ema, optimizer, scheduler, processor, state, output_dir, train_loader, val_loader, test_loader, load_metric(), real_faces)
+    run = Run(
+        args, accelerator, model, ema, optimizer, scheduler, processor, state, output_dir, train_loader, val_loader, test_loader,
+        load_metric(), real_faces, projection,
+    )
     start_epoch, skip_batches = state.epoch, state.step - state.epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         train_metrics = train_one_epoch(run, epoch, skip_batches)
@@ -378,13 +398,17 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
     progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
     started = time.perf_counter()
     gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight  # for the distillation loss
-    for pixels, age, gender, *teacher in progress:
+    for pixels, age, gender, *targets in progress:
+        teacher = targets[:2] if args.distill_from else None
+        descriptor = targets[-1] if run.projection is not None else None
         with accelerator.accumulate(model):
             pixel_values = run.processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
             loss = outputs.loss
             if teacher:
                 loss = loss + args.distill_weight * distillation_loss(outputs.age_logits, outputs.gender_logits, *teacher, gender_weight)
+            if descriptor is not None:
+                loss = loss + args.descriptor_weight * descriptor_loss(run.projection(outputs.pooler_output), descriptor)
             if not torch.isfinite(loss):
                 raise SystemExit(
                     f"error: the loss became {loss.item()} at step {state.step}; stopping with the last "
