@@ -15,7 +15,8 @@ TEMPLATE = """---
 # Age and gender CNN
 
 A small convolutional network that estimates the age (in years, with an interval) and the gender of an
-aligned face crop, trained from scratch on UTKFace with this project's `training/train.py`.
+aligned face crop, trained on UTKFace with this project's `training/train.py` (the exact command is under
+Training below).
 
 - Architecture: `{{ backbone }}` backbone, {{ parameters }} parameters, {{ image_size }}x{{ image_size }} RGB input.
 - Age: a distribution over whole years {{ min_age }}-{{ max_age }} (DLDL-v2 loss); the estimate is its mean,
@@ -89,6 +90,10 @@ def breakdown_text(breakdown: dict | None) -> str:
         lines += [f"\n**By {group.replace('_', ' ')}**\n", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]
         for name, m in breakdown[group].items():
             lines.append(f"| {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
+    real = breakdown.get("real_photos")
+    if real:
+        lines.insert(0, f"- Real photos: gender agrees with the perceived gender of {real['gender_accuracy']:.1%} of {real['faces']} "
+                        "faces found by the project's detector in WIDER FACE photos (`wider-dev`), against the test split's figure above.")
     if breakdown.get("weaknesses"):
         lines.insert(0, "\n".join(f"- {w}" for w in breakdown["weaknesses"]))
     return "\n".join(lines)
