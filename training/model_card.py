@@ -67,7 +67,7 @@ duplicate policy of `training/data.py` (splits by a hash of each file's bytes). 
 ```
 {{ command }}
 ```
-"""
+{{ lineage }}"""
 
 
 def results_table(results: dict) -> str:
@@ -118,6 +118,14 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         ],
     )
     history = results.get("history") or []
+    command = results.get("command", "")
+    lineage = "".join(
+        f"\n{text}" for flag, text in (
+            ("--init_from", "It starts from the weights of an earlier model (`--init_from`): the project's README, Results, says which."),
+            ("--distill_from", "The models named by `--distill_from` were its teachers (README, Results)."),
+            ("--descriptor_weight", "dlib's face descriptor of each training face was an auxiliary target during training only (`training/descriptors.py`); the network is the same."),
+        ) if flag in command
+    )
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -132,7 +140,8 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         train_size=results.get("train_size", "?"),
         val_size=results["validation"]["count"],
         test_size=test["count"],
-        command=results.get("command", "") + (f"\n# best epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
+        command=command + (f"\n# best epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
+        lineage=lineage,
     )
     path = output_dir / "README.md"
     card.save(path)
