@@ -304,3 +304,15 @@ def test_a_run_learns_descriptors_and_ships_no_trace_of_them(training_data, fini
     assert set(load_file(tmp_path / "run" / "model.safetensors")) == set(load_file(finished_run / "model.safetensors"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_type"] == "age_gender_cnn"
     assert len(list((training_data.parent / "cache" / "descriptors").glob("*.npy"))) == 1
+
+
+def test_a_descriptor_run_without_dlib_says_what_to_install(training_data, tmp_path):
+    code = (
+        "import sys; sys.modules['dlib'] = None\n"  # as if dlib-bin were not installed
+        "from training.train import main\n"
+        f"main(['--data', {str(training_data)!r}, '--output_dir', {str(tmp_path / 'run')!r}, '--cache_dir', {str(tmp_path / 'cache')!r}, "
+        "'--descriptor_weight', '5', '--real_photos', ''])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "needs dlib: pip install dlib-bin face_recognition_models" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
