@@ -398,7 +398,7 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
     progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
     started = time.perf_counter()
     gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight  # for the distillation loss
-    for pixels, age, gender, *targets in progress:
+    for pixels, age, gender, *targets in progress:  # extra targets in the order main() adds them
         teacher = targets[:2] if args.distill_from else None
         descriptor = targets[-1] if run.projection is not None else None
         with accelerator.accumulate(model):
