@@ -67,9 +67,10 @@ def test_one_cpu_process_uses_every_core_despite_the_launcher(finished_run):
     assert f"device cpu x1 ({len(os.sched_getaffinity(0))} threads)" in stdout
 
 
-def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run, tmp_path):
-    output_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(train_command(training_data, output_dir, training_data.parent / "cache"), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+def interrupt_then_resume(training_data: Path, output_dir: Path, *extra: str) -> None:
+    """A run killed mid-epoch 1, after its second checkpoint, then resumed to the end."""
+    cache = training_data.parent / "cache"
+    process = subprocess.Popen(train_command(training_data, output_dir, cache, *extra), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 600
     while not (output_dir / "checkpoints" / "checkpoint_1" / "complete").exists():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -78,13 +79,21 @@ def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run
     os.killpg(process.pid, signal.SIGKILL)  # mid-epoch 1, with checkpoint_0 (step 4) and checkpoint_1 (step 8)
     process.wait()
     assert not (output_dir / "model.safetensors").exists()
-    resumed = subprocess.run(train_command(training_data, output_dir, training_data.parent / "cache", "--resume"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(train_command(training_data, output_dir, cache, *extra, "--resume"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    expected, actual = load_file(finished_run / "model.safetensors"), load_file(output_dir / "model.safetensors")
+
+
+def assert_same_weights(expected_dir: Path, actual_dir: Path) -> None:
+    expected, actual = load_file(expected_dir / "model.safetensors"), load_file(actual_dir / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert (expected[name] == actual[name]).all(), name
+
+
+def test_interrupted_run_resumes_to_the_same_weights(training_data, finished_run, tmp_path):
+    interrupt_then_resume(training_data, tmp_path / "interrupted")
+    assert_same_weights(finished_run, tmp_path / "interrupted")
 
 
 def run_evaluate(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -316,3 +325,12 @@ def test_a_descriptor_run_without_dlib_says_what_to_install(training_data, tmp_p
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "needs dlib: pip install dlib-bin face_recognition_models" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_an_interrupted_descriptor_run_resumes_to_the_same_weights(training_data, tmp_path):
+    # The descriptor's projection is trained beside the model: a checkpoint must carry it and its optimizer state.
+    extra = ("--descriptor_weight", "5")
+    uninterrupted = subprocess.run(train_command(training_data, tmp_path / "whole", training_data.parent / "cache", *extra), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    interrupt_then_resume(training_data, tmp_path / "interrupted", *extra)
+    assert_same_weights(tmp_path / "whole", tmp_path / "interrupted")
