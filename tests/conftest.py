@@ -104,10 +104,8 @@ def fresh_accelerate_state():
         GradientState._reset_state()
 
 
-
 def blurred_cat() -> Image.Image:
     """The cat photo shrunk 4x and enlarged again: the detector then sees a 'face' in the fur (a false box
     scoring about 0.7), the kind of box that a stricter threshold is for."""
     cat = Image.open(EXAMPLES / "chelsea_the_cat.jpg").convert("RGB")
     return cat.resize((cat.width // 4, cat.height // 4)).resize(cat.size)
-

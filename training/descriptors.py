@@ -77,11 +77,11 @@ def face_descriptors(dataset, cache_dir: str | os.PathLike, workers: int | None 
     faces' hashes."""
     from datasets import Image
 
-    dlib_models()  # a missing dependency is reported before any work starts
     key = hashlib.sha1("|".join(dataset["sha1"]).encode()).hexdigest()[:20]
     cache_file = Path(cache_dir) / "descriptors" / f"{key}.npy"
-    if cache_file.is_file():
+    if cache_file.is_file():  # dlib is needed only to compute them
         return torch.from_numpy(np.load(cache_file))
+    dlib_models()  # loaded once here, before the workers fork, so a missing dependency stops the run at once
     images = dataset.cast_column("image", Image(decode=False))["image"]
     workers = workers or len(os.sched_getaffinity(0))
     if workers > 1:

@@ -45,9 +45,12 @@ def teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_
         with np.load(cache) as stored:
             return torch.from_numpy(stored["age"]).float(), torch.from_numpy(stored["gender"]).float()
     age, gender = 0.0, 0.0
+    faces_at: dict[int, torch.Tensor] = {}  # teachers of one input size share one read of the pixels
     for folder in folders:
         teacher, processor = load_teacher(folder, config)
-        faces = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
+        if processor.image_size not in faces_at:
+            faces_at[processor.image_size] = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
+        faces = faces_at[processor.image_size]
         teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True)
         age, gender = age + teacher_age / len(folders), gender + teacher_gender / len(folders)
     cache.parent.mkdir(parents=True, exist_ok=True)

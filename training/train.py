@@ -255,16 +255,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
     processor = AgeGenderImageProcessor(image_size=config.image_size)
+    cache_dir = Path(args.cache_dir or default_cache_dir())
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
         train_faces = subset(splits["train"], args.max_train_samples)
         train_set = tensors_of(train_faces, processor, args.cache_dir)
         if args.distill_from:  # the teachers' distributions ride along with each training face
-            targets = teacher_targets(args.distill_from, config, train_faces, args.cache_dir or default_cache_dir(), accelerator.device)
+            targets = teacher_targets(args.distill_from, config, train_faces, cache_dir, accelerator.device)
             train_set = TensorDataset(*train_set.tensors, *targets)
         if args.descriptor_weight > 0:  # and so does dlib's descriptor of it
             try:
-                descriptors = face_descriptors(train_faces, args.cache_dir or default_cache_dir())
+                descriptors = face_descriptors(train_faces, cache_dir)
             except DescriptorUnavailableError as error:
                 raise SystemExit(f"error: {error}") from error
             train_set = TensorDataset(*train_set.tensors, descriptors)
