@@ -255,10 +255,6 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def age_interval(self, age: torch.Tensor, age_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """See `age_interval_bounds`."""
-        return age_interval_bounds(age, age_std, self.config)
-
     def post_process_age_gender(self, outputs: AgeGenderOutput, return_distributions: bool = False) -> list[dict]:
         """One record per image of a forward pass, in the manner of transformers' `post_process_*` methods
         (see `prediction_records`). It lives on the model rather than the image processor because the answers

@@ -144,6 +144,43 @@ def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_pa
     assert abs(bf16_report["overall"]["age_mae"] - report["overall"]["age_mae"]) < 1.0
 
 
+def test_interval_calibration_counts_the_whole_year_rounding():
+    """The calibrated interval, rounded out to whole years as reported, holds the aimed share of true ages and
+    no scale below it does; the plain quantile of |error| / spread over-covers once the bounds are rounded."""
+    from modeling import AgeGenderConfig
+    from training.scoring import calibrate_interval_scale, interval_coverage
+
+    generator = np.random.default_rng(0)
+    age_std = generator.uniform(1.0, 8.0, 4000)
+    age_pred = generator.uniform(5.0, 80.0, 4000)
+    predictions = {"age_pred": age_pred, "age_std": age_std, "age_true": np.round(age_pred + generator.normal(0, age_std))}
+    config = AgeGenderConfig(age_interval_coverage=0.8)
+    config.age_interval_scale = calibrate_interval_scale(predictions, config)
+    assert 0.8 <= interval_coverage(predictions, config) < 0.8 + 2 / 4000 + 0.01
+    narrower = AgeGenderConfig(age_interval_coverage=0.8, age_interval_scale=config.age_interval_scale - 1e-4)
+    assert interval_coverage(predictions, narrower) < 0.8
+    plain_quantile = np.quantile(np.abs(predictions["age_true"] - age_pred) / age_std, 0.8)
+    assert interval_coverage(predictions, AgeGenderConfig(age_interval_scale=plain_quantile)) > 0.82
+
+
+def test_evaluate_recalibrates_a_model_folders_interval(training_data, finished_run, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(finished_run, model_dir, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    before = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**before, "age_interval_scale": 9.0}))  # far too wide
+    result = run_evaluate(model_dir, training_data, tmp_path / "report", "--calibrate_interval", "--split", "test", "--real_photos", "")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((model_dir / "config.json").read_text())
+    assert after["age_interval_scale"] == pytest.approx(before["age_interval_scale"], rel=1e-4)  # what training found
+    assert {k: v for k, v in after.items() if k != "age_interval_scale"} == {k: v for k, v in before.items() if k != "age_interval_scale"}
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["test"]["age_interval_coverage"] == pytest.approx(report["age_interval_coverage"])
+    assert "The age interval held" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_unwritable_output_dir_is_refused_before_training(training_data, tmp_path):
     from training.train import check_writable
 

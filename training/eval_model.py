@@ -4,7 +4,8 @@ race, per gender and per age band, a gender confusion matrix, and charts.
     python training/eval_model.py --model model --data ../shared/datasets/UTKFace.tar.gz --split test --out reports/test
 
 Writes report.json and report.md, predicted_vs_true_age.png and mae_by_age.png to --out. With
---update_card, also writes the per-group figures into the model folder's card (README.md).
+--update_card, also writes the per-group figures into the model folder's card (README.md). With
+--calibrate_interval, first recalibrates the model folder's age interval on the validation split (config.json).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
-from training.scoring import load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
@@ -77,9 +78,11 @@ def report_markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", "", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]
     o = report["overall"]
     lines.append(f"| all | {o['count']} | {o['age_mae']:.2f} | {o['age_cs5']:.1%} | {o['gender_accuracy']:.1%} |")
+    footer = [f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%})."]
     for group in ("age_band", "race", "gender"):
         for name, m in report[group].items():
             lines.append(f"| {group.replace('_', ' ')} {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
+    lines += ["", *footer]
     if "real_photos" in report:
         real = report["real_photos"]
         lines += ["", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of {real['faces']} faces"]
@@ -88,6 +91,40 @@ def report_markdown(report: dict, title: str) -> str:
         lines.append(f"| {true.removeprefix('true_')} | {row['pred_male']} | {row['pred_female']} |")
     lines += ["", "Weak spots:", ""] + [f"- {w}" for w in report["weaknesses"] or ["none beyond the thresholds"]]
     return "\n".join(lines) + "\n"
+
+
+def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
+    """Cached pixels, ages and genders of a UTKFace split, in batches."""
+    pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, args.cache_dir)))
+    return DataLoader(
+        TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"])),
+        batch_size=args.batch_size,
+    )
+
+
+def recalibrate_interval(model, processor, splits, args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Set the model folder's age interval scale from the validation split, as training does at its end, and
+    record the test split's coverage in its metrics.json: for a model trained before the calibration changed."""
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: --calibrate_interval needs a local model folder; {args.model} has no config.json")
+
+    def predictions_on(split: str) -> dict[str, np.ndarray]:
+        return predict_loader(model, processor, accelerator.prepare(face_loader(splits[split], processor, args)), accelerator, args.flip_tta)
+
+    model.config.age_interval_scale = calibrate_interval_scale(predictions_on("validation"), model.config)
+    test_coverage = interval_coverage(predictions_on("test"), model.config)
+    update_json(model_dir / "config.json", lambda config: config.update(age_interval_scale=model.config.age_interval_scale))
+    if (model_dir / "metrics.json").is_file():
+        update_json(model_dir / "metrics.json", lambda metrics: metrics["test"].update(age_interval_coverage=test_coverage))
+    print(f"age interval scale {model.config.age_interval_scale:.4f}: holds {test_coverage:.1%} of test ages; saved to {model_dir}")
+
+
+def update_json(path: Path, change) -> None:
+    """Apply `change` to the JSON object in `path` and write it back, leaving every other field as it was."""
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wider-dev folder: also report gender accuracy on the faces the app finds in these real photos ('' to skip).",
     )
     parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
+    parser.add_argument(
+        "--calibrate_interval", action="store_true",
+        help="Recalibrate the model folder's age interval on the validation split and save its config.json first.",
+    )
     return parser.parse_args(argv)
 
 
@@ -120,13 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     from datasets import concatenate_datasets
 
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
-    pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, args.cache_dir)))
-    loader = DataLoader(
-        TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"])),
-        batch_size=args.batch_size,
-    )
+    loader = face_loader(dataset, processor, args)
+    if args.calibrate_interval:
+        recalibrate_interval(model, processor, splits, args, accelerator)
     predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
+    report["age_interval_coverage"] = interval_coverage(predictions, model.config)
+    report["age_interval_aim"] = model.config.age_interval_coverage
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)

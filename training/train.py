@@ -39,7 +39,7 @@ from training.distill import distillation_loss, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
-from training.scoring import calibrate_interval_scale, load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 
@@ -468,12 +468,10 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
     accelerator.wait_for_everyone()
     best = AgeGenderModel.from_pretrained(output_dir / "best").to(accelerator.device)
     val_predictions = predict_loader(best, processor, val_loader, accelerator, args.flip_tta)
-    best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config.age_interval_coverage)
+    best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config)
     test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
     test_metrics = score(test_predictions, metric)
-    low, high = best.age_interval(torch.from_numpy(test_predictions["age_pred"]), torch.from_numpy(test_predictions["age_std"]))
-    true_age = torch.from_numpy(test_predictions["age_true"])
-    test_metrics["age_interval_coverage"] = float(((true_age >= low) & (true_age <= high)).float().mean())
+    test_metrics["age_interval_coverage"] = interval_coverage(test_predictions, best.config)
     results = {
         "validation": score(val_predictions, metric),
         "test": test_metrics,
