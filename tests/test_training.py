@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_utk_folder
+from conftest import ROOT, require_real_archive, require_shipped_model, write_utk_folder
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 QUICK = ["--preset", "small", "--image_size", "32", "--batch_size", "16", "--epochs", "2", "--learning_rate", "2e-3", "--checkpointing_steps", "4", "--real_photos", ""]
@@ -179,6 +179,23 @@ def test_evaluate_recalibrates_a_model_folders_interval(training_data, finished_
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["test"]["age_interval_coverage"] == pytest.approx(report["age_interval_coverage"])
     assert "The age interval held" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_shipped_model_holds_its_figures_on_the_real_test_split(tmp_path):
+    """The shipped model on the project's UTKFace test split, as README reports it: age MAE 5.08, gender 93.8%,
+    and an age interval that holds 80% of true ages within two points."""
+    archive, model = require_real_archive(), require_shipped_model()
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "eval_model.py"), "--model", str(model), "--data", str(archive), "--split", "test", "--out", str(out), "--real_photos", ""],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["overall"]["count"] == 2034
+    assert report["overall"]["age_mae"] == pytest.approx(5.08, abs=0.01)
+    assert report["overall"]["gender_accuracy"] == pytest.approx(0.938, abs=0.001)
+    assert abs(report["age_interval_coverage"] - report["age_interval_aim"]) <= 0.02
 
 
 def test_unwritable_output_dir_is_refused_before_training(training_data, tmp_path):
