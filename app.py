@@ -242,7 +242,7 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
                     annotated = annotated_image(label="Faces", height=420, buttons=["download", "fullscreen"])
                     message = gr.Markdown()
             table = gr.Dataframe(
-                label="One row per face, numbered as on the photo. On real photos a gender under 90% confidence is a guess (README: Results)",
+                label="One row per face, numbered as on the photo. On real photos a gender under 90% confidence is a guess, marked ? on the photo (README: Results)",
                 headers=TABLE_COLUMNS, interactive=False, wrap=True,
                 column_widths=["14%", "14%", "22%", "22%", "28%"],
             )

@@ -27,7 +27,7 @@ def photo_label(index: int, face: FaceRecord, count: int) -> str:
     if count <= 4:
         return face_label(index, face)
     if count <= 9:
-        return f"{index + 1}: {face.gender[0].upper()} {face.age:.0f}"
+        return f"{index + 1}: {face.gender_mark} {face.age:.0f}"
     return str(index + 1)
 
 

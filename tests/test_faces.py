@@ -162,6 +162,18 @@ def record(age: int, gender: str, box: list[int]) -> FaceRecord:
     return FaceRecord(box=box, age=age, age_interval=[age, age], age_std=0.0, gender=gender, gender_score=0.9, age_distribution=distribution, gender_probs=probs)
 
 
+def test_labels_mark_a_gender_under_90_percent_as_a_guess():
+    from dataclasses import replace
+
+    from faces.drawing import photo_label
+
+    sure = record(31, "female", [0, 0, 50, 50])
+    guess = replace(sure, gender_score=0.8991)
+    assert sure.label == "F 31 (31-31)" and guess.label == "F? 31 (31-31)"
+    assert photo_label(0, guess, count=3) == "1: F? 31 (31-31)"
+    assert photo_label(4, guess, count=6) == "5: F? 31" and photo_label(4, sure, count=6) == "5: F 31"
+
+
 def test_tracker_smooths_a_face_and_starts_new_ones_fresh():
     from modeling import AgeGenderConfig
 
