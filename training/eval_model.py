@@ -78,11 +78,10 @@ def report_markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", "", "| group | faces | age MAE | CS@5 | gender accuracy |", "|---|---|---|---|---|"]
     o = report["overall"]
     lines.append(f"| all | {o['count']} | {o['age_mae']:.2f} | {o['age_cs5']:.1%} | {o['gender_accuracy']:.1%} |")
-    footer = [f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%})."]
     for group in ("age_band", "race", "gender"):
         for name, m in report[group].items():
             lines.append(f"| {group.replace('_', ' ')} {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
-    lines += ["", *footer]
+    lines += ["", f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%})."]
     if "real_photos" in report:
         real = report["real_photos"]
         lines += ["", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of {real['faces']} faces"]
