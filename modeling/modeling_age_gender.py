@@ -135,10 +135,20 @@ def age_statistics(age_probs: torch.Tensor, min_age: int) -> tuple[torch.Tensor,
     return mean, variance.clamp_min(1e-6).sqrt()
 
 
+def interval_scale(age: torch.Tensor, config: AgeGenderConfig) -> torch.Tensor | float:
+    """The age interval's half-width in units of the predicted spread, for each face: the one scale, or that of
+    the band of `config.age_interval_bands` its predicted age falls in."""
+    if not isinstance(config.age_interval_scale, (list, tuple)):
+        return config.age_interval_scale
+    edges = torch.tensor(config.age_interval_bands, dtype=age.dtype, device=age.device)
+    scales = torch.tensor(config.age_interval_scale, dtype=age.dtype, device=age.device)
+    return scales[torch.bucketize(age, edges, right=True)]
+
+
 def age_interval_bounds(age: torch.Tensor, age_std: torch.Tensor, config: AgeGenderConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-year bounds of the interval meant to hold `config.age_interval_coverage` of true ages, its
     half-width calibrated on validation data in units of the predicted spread."""
-    half_width = config.age_interval_scale * age_std
+    half_width = interval_scale(age, config) * age_std
     low = (age - half_width).floor().clamp(config.min_age, config.max_age)
     high = (age + half_width).ceil().clamp(config.min_age, config.max_age)
     return low.long(), high.long()

@@ -320,6 +320,23 @@ def test_bad_configs_are_refused():
         AgeGenderConfig(backbone="vit")
     with pytest.raises(ValueError, match="same length"):
         AgeGenderConfig(hidden_sizes=[8, 16], depths=[1])
+    with pytest.raises(ValueError, match="one scale per band"):
+        AgeGenderConfig(age_interval_scale=[1.0, 1.2], age_interval_bands=[10, 30, 50])
+
+
+def test_age_interval_scale_follows_the_band_of_the_predicted_age(tmp_path):
+    """One scale per band of predicted age, a band starting at its edge; it survives save and load; a single
+    scale (configs from before the bands) applies to every age."""
+    from modeling.modeling_age_gender import age_interval_bounds
+
+    config = AgeGenderConfig(age_interval_scale=[0.5, 1.0, 1.5, 2.0], age_interval_bands=[10, 30, 50])
+    age = torch.tensor([9.9, 10.0, 29.9, 30.0, 50.0, 80.0])
+    low, high = age_interval_bounds(age, torch.full_like(age, 4.0), config)
+    assert low.tolist() == [7, 6, 25, 24, 42, 72]  # floor(age - scale x 4) with scales 0.5, 1, 1, 1.5, 2, 2
+    config.save_pretrained(tmp_path)
+    assert AgeGenderConfig.from_pretrained(tmp_path).age_interval_scale == [0.5, 1.0, 1.5, 2.0]
+    single = AgeGenderConfig(age_interval_scale=1.0)
+    assert age_interval_bounds(age, torch.full_like(age, 4.0), single)[1].tolist() == [14, 14, 34, 34, 54, 84]
 
 
 def test_pipeline_never_prompts_for_remote_code(saved_model, monkeypatch):

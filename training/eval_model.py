@@ -27,7 +27,7 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
-from training.scoring import calibrate_interval_scale, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, coverage_by_predicted_age, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
@@ -81,7 +81,8 @@ def report_markdown(report: dict, title: str) -> str:
     for group in ("age_band", "race", "gender"):
         for name, m in report[group].items():
             lines.append(f"| {group.replace('_', ' ')} {name} | {m['count']} | {m['age_mae']:.2f} | {m['age_cs5']:.1%} | {m['gender_accuracy']:.1%} |")
-    lines += ["", f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%})."]
+    by_band = ", ".join(f"{name}: {b['coverage']:.0%} of {b['faces']}" for name, b in report["age_interval_by_predicted_age"].items())
+    lines += ["", f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%}); by predicted age: {by_band}."]
     if "real_photos" in report:
         real = report["real_photos"]
         lines += ["", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of {real['faces']} faces"]
@@ -112,11 +113,15 @@ def recalibrate_interval(model, processor, splits, args: argparse.Namespace, acc
         return predict_loader(model, processor, accelerator.prepare(face_loader(splits[split], processor, args)), accelerator, args.flip_tta)
 
     model.config.age_interval_scale = calibrate_interval_scale(predictions_on("validation"), model.config)
-    test_coverage = interval_coverage(predictions_on("test"), model.config)
-    update_json(model_dir / "config.json", lambda config: config.update(age_interval_scale=model.config.age_interval_scale))
+    test_predictions = predictions_on("test")
+    test_coverage = interval_coverage(test_predictions, model.config)
+    by_band = coverage_by_predicted_age(test_predictions, model.config)
+    interval = {"age_interval_scale": model.config.age_interval_scale, "age_interval_bands": model.config.age_interval_bands}
+    update_json(model_dir / "config.json", lambda config: config.update(interval))
     if (model_dir / "metrics.json").is_file():
-        update_json(model_dir / "metrics.json", lambda metrics: metrics["test"].update(age_interval_coverage=test_coverage))
-    print(f"age interval scale {model.config.age_interval_scale:.4f}: holds {test_coverage:.1%} of test ages; saved to {model_dir}")
+        update_json(model_dir / "metrics.json", lambda metrics: metrics["test"].update(age_interval_coverage=test_coverage, age_interval_by_predicted_age=by_band))
+    scales = ", ".join(f"{scale:.3f}" for scale in model.config.age_interval_scale)
+    print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands}): holds {test_coverage:.1%} of test ages; saved to {model_dir}")
 
 
 def update_json(path: Path, change) -> None:
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
     report["age_interval_coverage"] = interval_coverage(predictions, model.config)
     report["age_interval_aim"] = model.config.age_interval_coverage
+    report["age_interval_by_predicted_age"] = coverage_by_predicted_age(predictions, model.config)
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)

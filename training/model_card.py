@@ -78,6 +78,9 @@ def results_table(results: dict) -> str:
     coverage = results["test"].get("age_interval_coverage")
     if coverage is not None:
         rows.append(f"\nShare of test ages inside the predicted age interval: {coverage:.1%}.")
+    by_band = results["test"].get("age_interval_by_predicted_age")
+    if by_band:
+        rows.append("By predicted age: " + ", ".join(f"{name}: {b['coverage']:.0%} of {b['faces']} faces" for name, b in by_band.items()) + ".")
     return "\n".join(rows)
 
 

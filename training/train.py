@@ -39,7 +39,7 @@ from training.distill import distillation_loss, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
-from training.scoring import calibrate_interval_scale, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, coverage_by_predicted_age, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 
@@ -472,6 +472,7 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
     test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
     test_metrics = score(test_predictions, metric)
     test_metrics["age_interval_coverage"] = interval_coverage(test_predictions, best.config)
+    test_metrics["age_interval_by_predicted_age"] = coverage_by_predicted_age(test_predictions, best.config)
     results = {
         "validation": score(val_predictions, metric),
         "test": test_metrics,
