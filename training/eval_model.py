@@ -103,8 +103,9 @@ def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
 
 
 def recalibrate_interval(model, processor, splits, args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Set the model folder's age interval scale from the validation split, as training does at its end, and
-    record the test split's coverage in its metrics.json: for a model trained before the calibration changed."""
+    """Set the model folder's age interval scales (one per band of predicted age) from the validation split, as
+    training does at its end, and record the test split's coverage in its metrics.json: for a model trained
+    before the calibration changed."""
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: --calibrate_interval needs a local model folder; {args.model} has no config.json")
