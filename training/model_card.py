@@ -143,7 +143,7 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         train_size=results.get("train_size", "?"),
         val_size=results["validation"]["count"],
         test_size=test["count"],
-        command=command + (f"\n# best epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
+        command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
         lineage=lineage,
     )
     path = output_dir / "README.md"
