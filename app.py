@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from faces import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, FaceTracker, PhotoResult, annotate, face_colour, face_label
+from faces.analysis import CONFIDENT_GENDER_SCORE
 from modeling import InvalidImageError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -242,7 +243,7 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
                     annotated = annotated_image(label="Faces", height=420, buttons=["download", "fullscreen"])
                     message = gr.Markdown()
             table = gr.Dataframe(
-                label="One row per face, numbered as on the photo. On real photos a gender under 90% confidence is a guess, marked ? on the photo (README: Results)",
+                label=f"One row per face, numbered as on the photo. On real photos a gender under {CONFIDENT_GENDER_SCORE:.0%} confidence is a guess, marked ? on the photo (README: Results)",
                 headers=TABLE_COLUMNS, interactive=False, wrap=True,
                 column_widths=["14%", "14%", "22%", "22%", "28%"],
             )

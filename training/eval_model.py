@@ -27,7 +27,7 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
-from training.scoring import calibrate_interval_scale, coverage_by_predicted_age, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, interval_report, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
@@ -102,27 +102,30 @@ def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
     )
 
 
-def recalibrate_interval(model, processor, splits, args: argparse.Namespace, accelerator: Accelerator) -> None:
+def recalibrate_interval(model, processor, validation, args: argparse.Namespace, accelerator: Accelerator) -> None:
     """Set the model folder's age interval scales (one per band of predicted age) from the validation split, as
-    training does at its end, and record the test split's coverage in its metrics.json: for a model trained
-    before the calibration changed."""
+    training does at its end, and save them in its config.json: for a model trained before the calibration
+    changed. `main` then records the test split's coverage in its metrics.json."""
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: --calibrate_interval needs a local model folder; {args.model} has no config.json")
-
-    def predictions_on(split: str) -> dict[str, np.ndarray]:
-        return predict_loader(model, processor, accelerator.prepare(face_loader(splits[split], processor, args)), accelerator, args.flip_tta)
-
-    model.config.age_interval_scale = calibrate_interval_scale(predictions_on("validation"), model.config)
-    test_predictions = predictions_on("test")
-    test_coverage = interval_coverage(test_predictions, model.config)
-    by_band = coverage_by_predicted_age(test_predictions, model.config)
+    loader = accelerator.prepare(face_loader(validation, processor, args))
+    model.config.age_interval_scale = calibrate_interval_scale(predict_loader(model, processor, loader, accelerator, args.flip_tta), model.config)
     interval = {"age_interval_scale": model.config.age_interval_scale, "age_interval_bands": model.config.age_interval_bands}
     update_json(model_dir / "config.json", lambda config: config.update(interval))
-    if (model_dir / "metrics.json").is_file():
-        update_json(model_dir / "metrics.json", lambda metrics: metrics["test"].update(age_interval_coverage=test_coverage, age_interval_by_predicted_age=by_band))
     scales = ", ".join(f"{scale:.3f}" for scale in model.config.age_interval_scale)
-    print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands}): holds {test_coverage:.1%} of test ages; saved to {model_dir}")
+    print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands}) saved to {model_dir / 'config.json'}")
+
+
+def record_test_interval(model, processor, splits, predictions: dict[str, np.ndarray], args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Write the recalibrated interval's test coverage into the model folder's metrics.json, from the
+    evaluation's own predictions when it evaluated the test split."""
+    metrics_file = Path(args.model) / "metrics.json"
+    if not metrics_file.is_file():
+        return
+    if args.split != "test":
+        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator, args.flip_tta)
+    update_json(metrics_file, lambda metrics: metrics["test"].update(interval_report(predictions, model.config)))
 
 
 def update_json(path: Path, change) -> None:
@@ -168,12 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
     loader = face_loader(dataset, processor, args)
     if args.calibrate_interval:
-        recalibrate_interval(model, processor, splits, args, accelerator)
+        recalibrate_interval(model, processor, splits["validation"], args, accelerator)
     predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
+    if args.calibrate_interval:
+        record_test_interval(model, processor, splits, predictions, args, accelerator)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
-    report["age_interval_coverage"] = interval_coverage(predictions, model.config)
-    report["age_interval_aim"] = model.config.age_interval_coverage
-    report["age_interval_by_predicted_age"] = coverage_by_predicted_age(predictions, model.config)
+    report.update(interval_report(predictions, model.config), age_interval_aim=model.config.age_interval_coverage)
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)

@@ -131,6 +131,11 @@ def coverage_by_predicted_age(predictions: dict[str, np.ndarray], config: AgeGen
     return report
 
 
+def interval_report(predictions: dict[str, np.ndarray], config: AgeGenderConfig) -> dict:
+    """The interval's coverage in all and by band of predicted age, as metrics.json and reports record it."""
+    return {"age_interval_coverage": interval_coverage(predictions, config), "age_interval_by_predicted_age": coverage_by_predicted_age(predictions, config)}
+
+
 def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
     """Gender accuracy on the wider-dev faces the app finds, or None without them."""
     if faces is None:

@@ -39,7 +39,7 @@ from training.distill import distillation_loss, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
-from training.scoring import calibrate_interval_scale, coverage_by_predicted_age, interval_coverage, load_metric, predict_loader, real_gender_accuracy, score
+from training.scoring import calibrate_interval_scale, interval_report, load_metric, predict_loader, real_gender_accuracy, score
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 
@@ -359,8 +359,9 @@ def evaluate_epoch(run: Run) -> dict:
     real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces)
     if real_accuracy is not None:
         record["val_real_gender_accuracy"] = real_accuracy
-    if run.args.keep == "last" or validation_score(val_metrics, real_accuracy) < run.state.best_score:
-        run.state.best_score = min(run.state.best_score, validation_score(val_metrics, real_accuracy))
+    epoch_score = validation_score(val_metrics, real_accuracy)
+    if run.args.keep == "last" or epoch_score < run.state.best_score:
+        run.state.best_score = min(run.state.best_score, epoch_score)
         record["best"] = True
         save_best(run.accelerator, model, run.processor, run.output_dir / "best")
     return record
@@ -477,8 +478,7 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
     best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config)
     test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
     test_metrics = score(test_predictions, metric)
-    test_metrics["age_interval_coverage"] = interval_coverage(test_predictions, best.config)
-    test_metrics["age_interval_by_predicted_age"] = coverage_by_predicted_age(test_predictions, best.config)
+    test_metrics.update(interval_report(test_predictions, best.config))
     results = {
         "validation": score(val_predictions, metric),
         "test": test_metrics,
