@@ -16,6 +16,7 @@ from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
 from faces.alignment import UTKFACE_TEMPLATE, similarity_transform
+from faces.detection import RetinaFaceDetector, non_maximum_suppression
 
 
 def obama_box(analyzer) -> list[int]:
@@ -102,6 +103,39 @@ def test_aligned_crops_put_the_landmarks_where_utkface_has_them(analyzer):
     (again,) = analyzer.detect(canvas)
     error = np.abs(again.landmarks - 100 - UTKFACE_TEMPLATE)  # pixels, in a 200 px chip
     assert error.mean() < 5 and error[:2].max() < 8  # a wide smile moves the mouth corners, not the eyes
+
+
+def test_real_portraits_have_their_faces_found_with_few_extra_boxes(analyzer):
+    """wider-dev's 296 portraits (real WIDER FACE photos, read at run time, never stored here) at the app's
+    settings: the README's figures, 95.5% of the faces of 64 px and more found and 0.21 boxes per photo on no
+    labelled face (about half of them faces that WIDER left unlabelled)."""
+    from training.wider_dev import DEFAULT_WIDER_DEV, load_wider_dev, match_faces
+
+    if not DEFAULT_WIDER_DEV.is_dir():
+        pytest.skip(f"wider-dev is not at {DEFAULT_WIDER_DEV}")
+    found, faces, extra = 0, 0, 0
+    portraits = [photo for photo in load_wider_dev() if photo.subset == "portraits"]
+    for photo in portraits:
+        boxes = np.asarray([d.box for d in analyzer.detect(analyzer.load_photo(photo.path))]).reshape(-1, 4)
+        matches = match_faces(photo.boxes, boxes)
+        tall = photo.boxes[:, 3] - photo.boxes[:, 1] >= 64
+        found += sum(i in matches for i in np.flatnonzero(tall))
+        faces += int(tall.sum())
+        extra += len(boxes) - len(matches)
+    assert found / faces >= 0.95 and extra / len(portraits) <= 0.25, (found, faces, extra)
+
+
+def test_suppression_keeps_one_box_per_face_and_both_of_two_neighbours():
+    """The boxes RetinaFace's usual IoU 0.4 left on wider-dev's faces: a second box on one face, shifted or
+    larger, and one straddling two faces side by side."""
+    face = [100, 100, 200, 220]
+    shifted = [148, 100, 248, 220]  # the same face found again, half a face to the side: IoU 0.35
+    larger = [75, 80, 250, 260]  # and again, much larger: IoU 0.38
+    between = [150, 100, 250, 220]  # a box straddling this face and its neighbour: IoU 0.33 with each
+    neighbour = [200, 100, 300, 220]  # a face beside it, touching
+    boxes = np.array([face, shifted, larger, between, neighbour], dtype=float)
+    scores = np.array([0.99, 0.8, 0.7, 0.9, 0.98])
+    assert sorted(non_maximum_suppression(boxes, scores, RetinaFaceDetector().nms_threshold)) == [0, 4]
 
 
 def test_similarity_transform_recovers_a_known_rotation_scale_and_shift():

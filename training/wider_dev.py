@@ -93,18 +93,22 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     """The faces of wider-dev with a perceived gender that the app's detector finds, cut by the app's aligner
     and made model-ready by `processor.to_uint8`: `(N, S, S, 3)` uint8 pixels and genders (0 male, 1 female).
     Faces under `min_height` px are left out: too small to judge for annotators and model alike. Detection
-    takes about half a minute, so the result is cached (never in the project: it holds WIDER pixels)."""
+    takes about half a minute, so the result is cached (never in the project: it holds WIDER pixels), keyed by
+    the detector's settings too: they decide which faces are found."""
     import hashlib
 
+    from faces.detection import RetinaFaceDetector
     from training.data import default_cache_dir
 
     root = Path(root).resolve()
-    key = hashlib.sha1(f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}".encode()).hexdigest()[:16]
+    detector = RetinaFaceDetector()
+    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{detector.score_threshold}|{detector.nms_threshold}"
+    key = hashlib.sha1(settings.encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
         with np.load(cache) as stored:
             return stored["pixels"], stored["genders"]
-    pixels, genders = detect_real_faces(root, processor, min_height)
+    pixels, genders = detect_real_faces(root, processor, detector, min_height)
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = cache.with_suffix(".partial.npz")
     np.savez(staging, pixels=pixels, genders=genders)
@@ -112,13 +116,11 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     return pixels, genders
 
 
-def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray]:
+def detect_real_faces(root: Path, processor, detector, min_height: int) -> tuple[np.ndarray, np.ndarray]:
     from faces.alignment import align_face
     from faces.analysis import detect_in_photo
-    from faces.detection import RetinaFaceDetector
     from modeling.image_processing_age_gender import load_rgb_image
 
-    detector = RetinaFaceDetector()
     pixels, genders = [], []
     for photo in load_wider_dev(root):
         wanted = [i for i, g in enumerate(photo.genders) if g is not None and photo.boxes[i, 3] - photo.boxes[i, 1] >= min_height]
