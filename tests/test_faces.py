@@ -107,8 +107,8 @@ def test_aligned_crops_put_the_landmarks_where_utkface_has_them(analyzer):
 
 def test_real_portraits_have_their_faces_found_with_few_extra_boxes(analyzer):
     """wider-dev's 296 portraits (real WIDER FACE photos, read at run time, never stored here) at the app's
-    settings: the README's figures, 95.5% of the faces of 64 px and more found and 0.21 boxes per photo on no
-    labelled face (about half of them faces that WIDER left unlabelled)."""
+    settings: at least 95% of the faces of 64 px and more found (README: 95.5%) and at most 0.25 boxes per photo
+    on no labelled face (README: 0.21, about half of them faces that WIDER left unlabelled)."""
     from training.wider_dev import DEFAULT_WIDER_DEV, load_wider_dev, match_faces
 
     if not DEFAULT_WIDER_DEV.is_dir():

@@ -11,8 +11,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: it loads onnxruntime
+    from faces.detection import RetinaFaceDetector
 
 DEFAULT_WIDER_DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "wider-dev"
 MATCH_IOU = 0.4
@@ -116,7 +120,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     return pixels, genders
 
 
-def detect_real_faces(root: Path, processor, detector, min_height: int) -> tuple[np.ndarray, np.ndarray]:
+def detect_real_faces(root: Path, processor, detector: RetinaFaceDetector, min_height: int) -> tuple[np.ndarray, np.ndarray]:
     from faces.alignment import align_face
     from faces.analysis import detect_in_photo
     from modeling.image_processing_age_gender import load_rgb_image
