@@ -27,6 +27,9 @@ CENTER_VARIANCE = 0.1
 SIZE_VARIANCE = 0.2
 # The network was trained on BGR pixels with these channel means subtracted.
 BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+# RetinaFaceDetector's defaults (its docstring says why); caches of detected faces are keyed by them.
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_NMS_THRESHOLD = 0.3
 
 
 @dataclass
@@ -113,7 +116,7 @@ class RetinaFaceDetector:
     The onnxruntime session is safe to call from several threads at once.
     """
 
-    def __init__(self, score_threshold: float = 0.5, nms_threshold: float = 0.3, num_threads: int = 1):
+    def __init__(self, score_threshold: float = DEFAULT_SCORE_THRESHOLD, nms_threshold: float = DEFAULT_NMS_THRESHOLD, num_threads: int = 1):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()

@@ -88,13 +88,22 @@ def calibrate_interval_scale(predictions: dict[str, np.ndarray], config: AgeGend
     spread whose interval, rounded out to whole years as it is reported, holds `config.age_interval_coverage`
     of the true ages of that band's faces. Per band because one scale for all held 97% for faces predicted
     under 10 and 70-74% for those over 30; bands with fewer than `min_faces` faces take the scale of all faces."""
-    bands = np.digitize(predictions["age_pred"], config.age_interval_bands)  # as `interval_scale` buckets them
     overall = smallest_covering_scale(predictions, config)
-    scales = []
-    for band in range(len(config.age_interval_bands) + 1):
-        members = bands == band
-        scales.append(smallest_covering_scale({k: v[members] for k, v in predictions.items()}, config) if members.sum() >= min_faces else overall)
-    return scales
+    return [
+        smallest_covering_scale(band, config) if len(band["age_true"]) >= min_faces else overall
+        for band in split_by_predicted_age(predictions, config).values()
+    ]
+
+
+def split_by_predicted_age(predictions: dict[str, np.ndarray], config: AgeGenderConfig) -> dict[str, dict[str, np.ndarray]]:
+    """The predictions of each band of predicted age (`config.age_interval_bands`, bucketed as the model's
+    `interval_scale` does), named "0-9", "10-29", ..., "50+"; empty bands included."""
+    edges = [0, *config.age_interval_bands, None]
+    bands = np.digitize(predictions["age_pred"], config.age_interval_bands)
+    return {
+        f"{low}-{high - 1}" if high is not None else f"{low}+": {k: v[bands == band] for k, v in predictions.items()}
+        for band, (low, high) in enumerate(zip(edges[:-1], edges[1:]))
+    }
 
 
 def smallest_covering_scale(predictions: dict[str, np.ndarray], config: AgeGenderConfig) -> float:
@@ -120,15 +129,11 @@ def smallest_covering_scale(predictions: dict[str, np.ndarray], config: AgeGende
 def coverage_by_predicted_age(predictions: dict[str, np.ndarray], config: AgeGenderConfig) -> dict[str, dict]:
     """The interval's coverage among the faces of each band of predicted age: what a user who reads "55
     (47-62)" may expect of it."""
-    edges = [0, *config.age_interval_bands, None]
-    bands = np.digitize(predictions["age_pred"], config.age_interval_bands)
-    report = {}
-    for band, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
-        members = bands == band
-        if members.any():
-            name = f"{low}-{high - 1}" if high is not None else f"{low}+"
-            report[name] = {"faces": int(members.sum()), "coverage": interval_coverage({k: v[members] for k, v in predictions.items()}, config)}
-    return report
+    return {
+        name: {"faces": len(band["age_true"]), "coverage": interval_coverage(band, config)}
+        for name, band in split_by_predicted_age(predictions, config).items()
+        if len(band["age_true"])
+    }
 
 
 def interval_report(predictions: dict[str, np.ndarray], config: AgeGenderConfig) -> dict:

@@ -11,12 +11,8 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # imported where used: it loads onnxruntime
-    from faces.detection import RetinaFaceDetector
 
 DEFAULT_WIDER_DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "wider-dev"
 MATCH_IOU = 0.4
@@ -101,18 +97,17 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     the detector's settings too: they decide which faces are found."""
     import hashlib
 
-    from faces.detection import RetinaFaceDetector
+    from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
     from training.data import default_cache_dir
 
     root = Path(root).resolve()
-    detector = RetinaFaceDetector()
-    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{detector.score_threshold}|{detector.nms_threshold}"
+    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}"
     key = hashlib.sha1(settings.encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
         with np.load(cache) as stored:
             return stored["pixels"], stored["genders"]
-    pixels, genders = detect_real_faces(root, processor, detector, min_height)
+    pixels, genders = detect_real_faces(root, processor, min_height)
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = cache.with_suffix(".partial.npz")
     np.savez(staging, pixels=pixels, genders=genders)
@@ -120,11 +115,13 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     return pixels, genders
 
 
-def detect_real_faces(root: Path, processor, detector: RetinaFaceDetector, min_height: int) -> tuple[np.ndarray, np.ndarray]:
+def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray]:
     from faces.alignment import align_face
     from faces.analysis import detect_in_photo
+    from faces.detection import RetinaFaceDetector
     from modeling.image_processing_age_gender import load_rgb_image
 
+    detector = RetinaFaceDetector()  # at its defaults, which key the cache
     pixels, genders = [], []
     for photo in load_wider_dev(root):
         wanted = [i for i, g in enumerate(photo.genders) if g is not None and photo.boxes[i, 3] - photo.boxes[i, 1] >= min_height]
