@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +146,67 @@ def test_archive_is_extracted_once(tmp_path, utk_folder, cache_dir):
     second = load_utkface(archive, cache_dir, verbose=False)
     assert extracted.stat().st_mtime_ns == stamp
     assert first["train"]["file_name"] == second["train"]["file_name"]
+
+
+RACING_WORKER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from training.data import extract_archive, write_atomically
+go, task, source, target = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+if task == "extract":
+    print(extract_archive(source, target))
+else:
+    mark = int(sys.argv[5])
+    for _ in range(100):
+        write_atomically(target, lambda path: np.save(path, np.full(50_000, mark)))
+"""
+
+
+def race(tmp_path, *argument_lists: list[str]) -> list[str]:
+    """Run RACING_WORKER in several processes that start their work at the same instant (as pytest-xdist
+    workers or accelerate ranks do); return what each printed after starting."""
+    go = tmp_path / "go"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", RACING_WORKER, str(go), *arguments], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for arguments in argument_lists
+    ]
+    for worker in workers:
+        assert worker.stdout.readline().strip() == "ready", worker.stderr.read()
+    go.touch()
+    outputs = []
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0, stderr[-2000:]
+        outputs.append(stdout.strip())
+    return outputs
+
+
+def test_processes_extracting_the_same_archive_at_once_all_get_one_complete_copy(tmp_path):
+    """CI once failed here: two test workers extracted UTKFace at the same time, and the second could not rename
+    its copy onto the first's."""
+    archive, cache = tmp_path / "many.tar", tmp_path / "cache"
+    with tarfile.open(archive, "w") as tar:
+        for index in range(3000):
+            member = tarfile.TarInfo(f"UTKFace/{index}.txt")
+            data = str(index).encode()
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    first, second = race(tmp_path, ["extract", str(archive), str(cache)], ["extract", str(archive), str(cache)])
+    assert first == second
+    assert [path.name for path in (cache / "extracted").iterdir()] == [Path(first).name]  # no staging left over
+    assert len(list(Path(first, "UTKFace").iterdir())) == 3000
+
+
+def test_processes_writing_the_same_cache_file_at_once_never_collide(tmp_path):
+    target = tmp_path / "cache" / "pixels.npy"
+    race(tmp_path, ["write", "-", str(target), "1"], ["write", "-", str(target), "2"])
+    assert [path.name for path in target.parent.iterdir()] == ["pixels.npy"]
+    written = np.load(target)
+    assert written.shape == (50_000,) and len(set(written.tolist())) == 1 and written[0] in (1, 2)
 
 
 def test_sources_that_yield_nothing_give_clear_errors(tmp_path, cache_dir):

@@ -28,6 +28,7 @@ import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
@@ -181,8 +182,23 @@ def file_fingerprint(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Have `write` fill a temporary file of its own beside `path`, then rename it into place: readers never see
+    half a cache file, and processes that build the same cache at once (test workers, `accelerate launch`
+    ranks) never write into each other's file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(staging))
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
 def extract_archive(archive: Path, cache_dir: Path) -> Path:
-    """Extract a tar archive into the cache once; an interrupted extraction leaves nothing half-written."""
+    """Extract a tar archive into the cache once; an interrupted extraction leaves nothing half-written, and of
+    processes extracting at once the first to finish publishes its copy and the others use it."""
     target = cache_dir / "extracted" / file_fingerprint(archive)
     if target.is_dir():
         return target
@@ -196,7 +212,12 @@ def extract_archive(archive: Path, cache_dir: Path) -> Path:
     except (tarfile.TarError, OSError, EOFError) as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DataSourceError(f"cannot read the archive {archive}: {error}") from error
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging)  # another process finished first; its copy is the same archive's
     return target
 
 
@@ -207,10 +228,7 @@ def scan_cached(folder: Path, cache_dir: Path) -> tuple[list[dict], ScanReport]:
         cached = json.loads(cache_file.read_text())
         return cached["records"], ScanReport(**cached["report"])
     records, report = scan_folder(folder)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(".partial")
-    partial.write_text(json.dumps({"records": records, "report": asdict(report)}))
-    partial.replace(cache_file)
+    write_atomically(cache_file, lambda path: path.write_text(json.dumps({"records": records, "report": asdict(report)})))
     return records, report
 
 
@@ -359,8 +377,5 @@ def pixel_cache(dataset: Dataset, processor, cache_dir: str | os.PathLike | None
     pixels = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for index, image in enumerate(tqdm(images, desc=f"Caching pixels at {size}px", unit="img", mininterval=1.0)):
         pixels[index] = processor.to_uint8(image["bytes"] or image["path"])
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(cache_file.stem + ".partial.npy")
-    np.save(partial, pixels)
-    partial.replace(cache_file)
+    write_atomically(cache_file, lambda path: np.save(path, pixels))
     return np.load(cache_file, mmap_mode="r")

@@ -77,6 +77,8 @@ def face_descriptors(dataset, cache_dir: str | os.PathLike, workers: int | None 
     faces' hashes."""
     from datasets import Image
 
+    from training.data import write_atomically
+
     key = hashlib.sha1("|".join(dataset["sha1"]).encode()).hexdigest()[:20]
     cache_file = Path(cache_dir) / "descriptors" / f"{key}.npy"
     if cache_file.is_file():  # dlib is needed only to compute them
@@ -89,10 +91,7 @@ def face_descriptors(dataset, cache_dir: str | os.PathLike, workers: int | None 
             descriptors = list(pool.map(_descriptor_of_file, images, chunksize=64))
     else:
         descriptors = [_descriptor_of_file(image) for image in images]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(cache_file.stem + ".partial.npy")
-    np.save(partial, np.stack(descriptors))
-    partial.replace(cache_file)
+    write_atomically(cache_file, lambda path: np.save(path, np.stack(descriptors)))
     return torch.from_numpy(np.load(cache_file))
 
 

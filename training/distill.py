@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
-from training.data import pixel_cache
+from training.data import pixel_cache, write_atomically
 from training.scoring import predict_distributions
 
 
@@ -53,10 +53,7 @@ def teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_
         faces = faces_at[processor.image_size]
         teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True)
         age, gender = age + teacher_age / len(folders), gender + teacher_gender / len(folders)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = cache.with_suffix(".partial.npz")
-    np.savez(staging, age=age.half().numpy(), gender=gender.half().numpy())
-    staging.replace(cache)
+    write_atomically(cache, lambda path: np.savez(path, age=age.half().numpy(), gender=gender.half().numpy()))
     return age, gender
 
 

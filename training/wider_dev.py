@@ -98,7 +98,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     import hashlib
 
     from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
-    from training.data import default_cache_dir
+    from training.data import default_cache_dir, write_atomically
 
     root = Path(root).resolve()
     settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}"
@@ -108,10 +108,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
         with np.load(cache) as stored:
             return stored["pixels"], stored["genders"]
     pixels, genders = detect_real_faces(root, processor, min_height)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = cache.with_suffix(".partial.npz")
-    np.savez(staging, pixels=pixels, genders=genders)
-    staging.replace(cache)
+    write_atomically(cache, lambda path: np.savez(path, pixels=pixels, genders=genders))
     return pixels, genders
 
 
