@@ -109,9 +109,11 @@ def faces_table(faces: list[FaceRecord]):
 
 
 def age_chart(faces: list[FaceRecord], min_age: int) -> Figure | None:
-    """Each face's age distribution in its colour, on an age axis that spans the faces shown."""
+    """The age distributions of the first `MAX_CHART_FACES` faces, each in its colour, on an age axis that spans
+    those faces."""
     if not faces:
         return None
+    faces = faces[:MAX_CHART_FACES]
     ages = np.arange(min_age, min_age + len(faces[0].age_distribution))
     low = min(f.age_interval[0] for f in faces) - 10
     high = max(f.age_interval[1] for f in faces) + 10
@@ -120,7 +122,7 @@ def age_chart(faces: list[FaceRecord], min_age: int) -> Figure | None:
     figure = Figure(figsize=(8, 2.8))
     figure.subplots_adjust(left=0.08, right=0.76, bottom=0.18, top=0.96)
     axes = figure.add_subplot()
-    for i, face in enumerate(faces[:MAX_CHART_FACES]):
+    for i, face in enumerate(faces):
         axes.plot(ages, face.age_distribution, color=face_colour(i), linewidth=2, label=face_label(i, face))
         axes.fill_between(ages, face.age_distribution, color=face_colour(i), alpha=0.12)
     axes.set_xlim(max(min_age, low), min(ages[-1], high))
@@ -143,6 +145,8 @@ def summary_message(result: PhotoResult, seconds: float) -> str:
         )
     count = len(result.faces)
     numbered = " Numbers on the photo match the table and the chart (rows top to bottom, left to right)." if count > 1 else ""
+    if count > MAX_CHART_FACES:
+        numbered += f" The chart shows faces 1-{MAX_CHART_FACES}; the table lists all {count}."
     return f"Found {count} face{'s' if count != 1 else ''} in {seconds * 1000:.0f} ms ({width}x{height} photo).{numbered}"
 
 

@@ -57,6 +57,22 @@ def test_photo_with_several_faces_is_labelled(client):
     assert [row[3] for row in table["data"]] == [face["gender"] for face in payload["faces"]]
 
 
+def test_a_crowd_is_all_in_the_table_and_the_chart_says_which_faces_it_shows(analyzer, tmp_path):
+    """Twelve faces (the three-portrait example, two by two): every face has its row; the chart draws the first
+    ten, as its legend and the message say."""
+    portraits = Image.open(EXAMPLES / "three_portraits.jpg").convert("RGB")
+    crowd = Image.new("RGB", (portraits.width * 2, portraits.height * 2))
+    for x in (0, portraits.width):
+        for y in (0, portraits.height):
+            crowd.paste(portraits, (x, y))
+    crowd.save(tmp_path / "crowd.jpg", quality=95)
+    _, table, chart, payload, message = predict_photo(analyzer, str(tmp_path / "crowd.jpg"))
+    assert len(payload["faces"]) == 12 and len(table.data) == 12
+    legend = [text.get_text() for text in chart.axes[0].get_legend().get_texts()]
+    assert len(legend) == app.MAX_CHART_FACES == 10 and legend[0].startswith("1:") and legend[-1].startswith("10:")
+    assert "Found 12 faces" in message and "The chart shows faces 1-10; the table lists all 12." in message
+
+
 def test_photo_without_a_face_says_so_and_offers_the_whole_image(client):
     _, table, _, payload, message = call_api(client, EXAMPLES / "chelsea_the_cat.jpg")
     assert payload["faces"] == [] and "No face found" in message
