@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -148,7 +149,7 @@ def test_archive_is_extracted_once(tmp_path, utk_folder, cache_dir):
     assert first["train"]["file_name"] == second["train"]["file_name"]
 
 
-RACING_WORKER = """
+CACHE_WORKER = """
 import sys, time
 from pathlib import Path
 import numpy as np
@@ -167,11 +168,11 @@ else:
 
 
 def race(tmp_path, *argument_lists: list[str]) -> list[str]:
-    """Run RACING_WORKER in several processes that start their work at the same instant (as pytest-xdist
+    """Run CACHE_WORKER in several processes that start their work at the same instant (as pytest-xdist
     workers or accelerate ranks do); return what each printed after starting."""
     go = tmp_path / "go"
     workers = [
-        subprocess.Popen([sys.executable, "-c", RACING_WORKER, str(go), *arguments], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", CACHE_WORKER, str(go), *arguments], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for arguments in argument_lists
     ]
     for worker in workers:
@@ -185,20 +186,41 @@ def race(tmp_path, *argument_lists: list[str]) -> list[str]:
     return outputs
 
 
-def test_processes_extracting_the_same_archive_at_once_all_get_one_complete_copy(tmp_path):
-    """CI once failed here: two test workers extracted UTKFace at the same time, and the second could not rename
-    its copy onto the first's."""
-    archive, cache = tmp_path / "many.tar", tmp_path / "cache"
+def write_archive_of_small_files(archive: Path, count: int) -> None:
     with tarfile.open(archive, "w") as tar:
-        for index in range(3000):
+        for index in range(count):
             member = tarfile.TarInfo(f"UTKFace/{index}.txt")
             data = str(index).encode()
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+
+
+def test_processes_extracting_the_same_archive_at_once_all_get_one_complete_copy(tmp_path):
+    """CI once failed here: two test workers extracted UTKFace at the same time, and the second could not rename
+    its copy onto the first's."""
+    archive, cache = tmp_path / "many.tar", tmp_path / "cache"
+    write_archive_of_small_files(archive, 3000)
     first, second = race(tmp_path, ["extract", str(archive), str(cache)], ["extract", str(archive), str(cache)])
     assert first == second
     assert [path.name for path in (cache / "extracted").iterdir()] == [Path(first).name]  # no staging left over
     assert len(list(Path(first, "UTKFace").iterdir())) == 3000
+
+
+def test_an_interrupted_extraction_leaves_nothing_in_the_cache(tmp_path):
+    archive, cache = tmp_path / "many.tar", tmp_path / "cache"
+    write_archive_of_small_files(archive, 30_000)
+    go = tmp_path / "go"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CACHE_WORKER, str(go), "extract", str(archive), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert worker.stdout.readline().strip() == "ready"
+    go.touch()
+    while not list((cache / "extracted").glob(".partial-*/UTKFace/*")):  # extraction has begun
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGINT)
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert list((cache / "extracted").iterdir()) == []
 
 
 def test_processes_writing_the_same_cache_file_at_once_never_collide(tmp_path):

@@ -205,19 +205,20 @@ def extract_archive(archive: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", mininterval=1.0):
-                tar.extract(member, staging, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DataSourceError(f"cannot read the archive {archive}: {error}") from error
-    try:
-        staging.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(staging)  # another process finished first; its copy is the same archive's
+        try:
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", mininterval=1.0):
+                    tar.extract(member, staging, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise DataSourceError(f"cannot read the archive {archive}: {error}") from error
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # else another process finished first, and its copy is the same archive's
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what is left of a failed, interrupted or second copy
     return target
 
 
