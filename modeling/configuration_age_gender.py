@@ -60,6 +60,9 @@ class AgeGenderConfig(PretrainedConfig):
             Channels of each stage.
         depths (`list[int]`, *optional*, defaults to `[1, 2, 2, 2]`):
             Residual blocks in each stage (`"resnet"` only; `"plain"` has one convolution per stage).
+        downsample_in_first_stage (`bool`, *optional*, defaults to `False`):
+            Whether the first stage halves the resolution too (`"resnet"` only), as in transformers' `ResNetConfig`:
+            a 96 px input then reaches the stages at 24 px and costs what a 64 px input costs without it.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the backbone and of the heads' hidden layers.
         head_hidden_size (`int`, *optional*, defaults to 0):
@@ -102,6 +105,7 @@ class AgeGenderConfig(PretrainedConfig):
         embedding_size: int = 32,
         hidden_sizes: list[int] | None = None,
         depths: list[int] | None = None,
+        downsample_in_first_stage: bool = False,
         hidden_act: str = "silu",
         head_hidden_size: int = 0,
         head_dropout: float = 0.1,
@@ -130,6 +134,7 @@ class AgeGenderConfig(PretrainedConfig):
         self.embedding_size = embedding_size
         self.hidden_sizes = hidden_sizes
         self.depths = depths
+        self.downsample_in_first_stage = downsample_in_first_stage
         self.hidden_act = hidden_act
         self.head_hidden_size = head_hidden_size
         self.head_dropout = head_dropout

@@ -72,14 +72,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Sequential):
-    """A small ResNet: at 64 px the stem brings faces to 32 px, and four stages to 4 px, then average pooling."""
+    """A small ResNet: at 64 px the stem brings faces to 32 px, and four stages to 4 px, then average pooling
+    (at 96 px with `downsample_in_first_stage`: 48, then 24 to 3 px)."""
 
     def __init__(self, config: AgeGenderConfig):
         layers: list[nn.Module] = [ConvBnAct(config.num_channels, config.embedding_size, stride=2, act=config.hidden_act)]
         in_channels = config.embedding_size
         for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
             for block in range(depth):
-                stride = 2 if stage > 0 and block == 0 else 1
+                stride = 2 if block == 0 and (stage > 0 or config.downsample_in_first_stage) else 1
                 layers.append(BasicBlock(in_channels, width, stride, config.hidden_act))
                 in_channels = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from conftest import ROOT, face_like, require_shipped_model
@@ -311,6 +312,27 @@ def test_every_preset_builds_and_runs(preset):
     with torch.inference_mode():
         out = model(pixel_values=torch.zeros(2, 3, config.image_size, config.image_size))
     assert out.age.shape == (2,) and out.gender_logits.shape == (2, 2)
+
+
+def test_downsampling_in_the_first_stage_gives_a_larger_input_the_cost_of_a_smaller_one(tmp_path):
+    """96 px with `downsample_in_first_stage` reaches the stages at 24 px: fewer operations than 64 px without it,
+    one small shortcut more in weights, and the setting survives saving."""
+    plain = AgeGenderModel(AgeGenderConfig.from_preset("small")).eval()
+    config = AgeGenderConfig.from_preset("small", image_size=96, downsample_in_first_stage=True)
+    downsampled = AgeGenderModel(config).eval()
+    stage_inputs = []
+    downsampled.backbone[1].register_forward_hook(lambda module, inputs, output: stage_inputs.append(output.shape[-1]))
+    flops = {}
+    for name, model, side in (("64 px", plain, 64), ("96 px", downsampled, 96)):
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(pixel_values=torch.zeros(1, 3, side, side))
+        flops[name] = counter.get_total_flops()
+    assert stage_inputs == [24]  # the first stage (one block) halves the stem's 48 px
+    assert flops["96 px"] < flops["64 px"]
+    shortcut = 32 * 32 + 2 * 32  # the strided first block's 1x1 projection and its batch norm
+    assert sum(p.numel() for p in downsampled.parameters()) == sum(p.numel() for p in plain.parameters()) + shortcut
+    downsampled.save_pretrained(tmp_path)
+    assert AutoModel.from_pretrained(tmp_path).config.downsample_in_first_stage is True
 
 
 def test_bad_configs_are_refused():
