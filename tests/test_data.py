@@ -150,10 +150,11 @@ def test_archive_is_extracted_once(tmp_path, utk_folder, cache_dir):
 
 
 CACHE_WORKER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import numpy as np
 from training.data import extract_archive, write_atomically
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a CI job run in the background passes SIGINT on ignored)
 go, task, source, target = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 print("ready", flush=True)
 while not go.exists():
