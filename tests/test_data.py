@@ -168,9 +168,9 @@ else:
 """
 
 
-def race(tmp_path, *argument_lists: list[str]) -> list[str]:
-    """Run CACHE_WORKER in several processes that start their work at the same instant (as pytest-xdist
-    workers or accelerate ranks do); return what each printed after starting."""
+def start_workers(tmp_path, *argument_lists: list[str]) -> list[subprocess.Popen]:
+    """CACHE_WORKER in several processes, each ready (imported), then all told to start their work at the same
+    instant, as pytest-xdist workers or accelerate ranks may."""
     go = tmp_path / "go"
     workers = [
         subprocess.Popen([sys.executable, "-c", CACHE_WORKER, str(go), *arguments], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,8 +179,13 @@ def race(tmp_path, *argument_lists: list[str]) -> list[str]:
     for worker in workers:
         assert worker.stdout.readline().strip() == "ready", worker.stderr.read()
     go.touch()
+    return workers
+
+
+def race(tmp_path, *argument_lists: list[str]) -> list[str]:
+    """`start_workers`, then what each printed, once all have ended well."""
     outputs = []
-    for worker in workers:
+    for worker in start_workers(tmp_path, *argument_lists):
         stdout, stderr = worker.communicate(timeout=120)
         assert worker.returncode == 0, stderr[-2000:]
         outputs.append(stdout.strip())
@@ -210,12 +215,7 @@ def test_processes_extracting_the_same_archive_at_once_all_get_one_complete_copy
 def test_an_interrupted_extraction_leaves_nothing_in_the_cache(tmp_path):
     archive, cache = tmp_path / "many.tar", tmp_path / "cache"
     write_archive_of_small_files(archive, 30_000)
-    go = tmp_path / "go"
-    worker = subprocess.Popen(
-        [sys.executable, "-c", CACHE_WORKER, str(go), "extract", str(archive), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert worker.stdout.readline().strip() == "ready"
-    go.touch()
+    (worker,) = start_workers(tmp_path, ["extract", str(archive), str(cache)])
     while not list((cache / "extracted").glob(".partial-*/UTKFace/*")):  # extraction has begun
         time.sleep(0.01)
     worker.send_signal(signal.SIGINT)

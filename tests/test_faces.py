@@ -16,7 +16,7 @@ from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
 from faces.alignment import UTKFACE_TEMPLATE, similarity_transform
-from faces.detection import RetinaFaceDetector, non_maximum_suppression
+from faces.detection import DEFAULT_NMS_THRESHOLD, non_maximum_suppression
 
 
 def obama_box(analyzer) -> list[int]:
@@ -135,7 +135,7 @@ def test_suppression_keeps_one_box_per_face_and_both_of_two_neighbours():
     neighbour = [200, 100, 300, 220]  # a face beside it, touching
     boxes = np.array([face, shifted, larger, between, neighbour], dtype=float)
     scores = np.array([0.99, 0.8, 0.7, 0.9, 0.98])
-    assert sorted(non_maximum_suppression(boxes, scores, RetinaFaceDetector().nms_threshold)) == [0, 4]
+    assert sorted(non_maximum_suppression(boxes, scores, DEFAULT_NMS_THRESHOLD)) == [0, 4]
 
 
 def test_similarity_transform_recovers_a_known_rotation_scale_and_shift():
