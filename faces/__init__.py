@@ -10,9 +10,9 @@ detection (RetinaFace) -> alignment (UTKFace framing) -> analysis (the model) ->
 
 from .alignment import CHIP_SIZE, align_face
 from .analysis import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, PhotoResult, native_bfloat16, reading_order, resolve_dtype
-from .detection import Detection, RetinaFaceDetector
+from .detection import Detection, RetinaFaceDetector, box_iou
 from .drawing import FACE_COLOURS, annotate, face_colour, face_label
-from .tracking import FaceTracker, box_iou
+from .tracking import FaceTracker
 
 __all__ = [
     "CHIP_SIZE",

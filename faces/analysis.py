@@ -17,7 +17,7 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
 from .alignment import CHIP_SIZE, align_face
-from .detection import Detection, RetinaFaceDetector
+from .detection import Detection, RetinaFaceDetector, box_iou
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model"
 # On real photos a gender given with at least this confidence was right 96.2% of the time (wider-dev, 442 of
@@ -115,18 +115,60 @@ def reading_order(boxes: list[np.ndarray]) -> list[int]:
     return [i for row in rows for i in sorted(row, key=lambda i: centres[i][0])]
 
 
+# RetinaFace's anchors reach 512 px and it was trained on 640 px crops: a face much taller than LARGE_FACE px in
+# its input comes out as several boxes on parts of the face (from about 900 px, 500 px when blurred), each with
+# its own age. Such a face is taken from a second pass with the photo's long side at COARSE_SIDE instead.
+LARGE_FACE = 384
+COARSE_SIDE = 512
+
+
+def detect_at_side(detector: RetinaFaceDetector, photo: Image.Image, side: int, min_score: float | None) -> tuple[list[Detection], float]:
+    """Faces found with the photo's long side at `side` px, in the photo's own pixels, and the photo-to-detector
+    scale."""
+    factor = side / max(photo.size)
+    work = photo if abs(factor - 1) < 0.02 else photo.resize(
+        (max(1, round(photo.width * factor)), max(1, round(photo.height * factor))), Image.Resampling.BILINEAR
+    )
+    return [d.scaled(photo.width / work.width) for d in detector(np.asarray(work), min_score)], work.width / photo.width
+
+
+def height(detection: Detection) -> float:
+    return float(detection.box[3] - detection.box[1])
+
+
+def share_inside(inner: np.ndarray, outer: np.ndarray) -> float:
+    """How much of box `inner`'s area lies inside box `outer`."""
+    overlap = np.clip(np.minimum(inner[2:], outer[2:]) - np.maximum(inner[:2], outer[:2]), 0, None)
+    area = np.prod(inner[2:] - inner[:2])
+    return float(np.prod(overlap) / area) if area > 0 else 0.0
+
+
+def take_large_faces_from_coarse_pass(fine: list[Detection], coarse: list[Detection], large: float) -> list[Detection]:
+    """Each pass answers for the sizes it sees well: faces at least `large` px tall (photo pixels) come from the
+    coarse pass, and a fine-pass box that lies mostly inside one of them is a part of that face. A fine-pass box
+    that tall which the coarse pass does not confirm is dropped: the coarse pass sees such a face at a size
+    it knows well, so the box is most likely not a face (a ball, a pattern, a whole scene)."""
+    large_faces = [c for c in coarse if height(c) >= large]
+    kept = [
+        f for f in fine
+        if not any(share_inside(f.box, c.box) >= 0.5 for c in large_faces)
+        and (height(f) < large or any(box_iou(f.box, c.box) >= 0.5 for c in coarse))
+    ]
+    return large_faces + kept
+
+
 def detect_in_photo(
     detector: RetinaFaceDetector, photo: Image.Image, detect_side: int = 1280, min_detect_side: int = 320, min_score: float | None = None
 ) -> list[Detection]:
     """Faces in reading order, found at a long side between `min_detect_side` and `detect_side` (the photo's
     own size where it lies between), with boxes and landmarks in the photo's own pixels; `min_score` overrides
-    the detector's threshold."""
-    longest = max(photo.size)
-    factor = min(max(longest, min_detect_side), detect_side) / longest
-    work = photo if abs(factor - 1) < 0.02 else photo.resize(
-        (max(1, round(photo.width * factor)), max(1, round(photo.height * factor))), Image.Resampling.BILINEAR
-    )
-    detections = [d.scaled(photo.width / work.width) for d in detector(np.asarray(work), min_score)]
+    the detector's threshold. When a face is taller than `LARGE_FACE` px at that size, a coarser pass (long side
+    `COARSE_SIDE`) gives the large faces."""
+    side = min(max(max(photo.size), min_detect_side), detect_side)
+    detections, scale = detect_at_side(detector, photo, side, min_score)
+    if side >= 1.25 * COARSE_SIDE and any(height(d) * scale >= LARGE_FACE for d in detections):
+        coarse, _ = detect_at_side(detector, photo, COARSE_SIDE, min_score)
+        detections = take_large_faces_from_coarse_pass(detections, coarse, LARGE_FACE / scale)
     return [detections[i] for i in reading_order([d.box for d in detections])]
 
 

@@ -81,6 +81,15 @@ def anchors_for(height: int, width: int) -> np.ndarray:
     return np.concatenate(grids).astype(np.float32)
 
 
+def box_iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two `[x0, y0, x1, y1]` boxes."""
+    inter_w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def non_maximum_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
     """Indices of the boxes kept, best score first: each drops the later boxes it overlaps by more than
     `iou_threshold`."""
@@ -104,7 +113,7 @@ class RetinaFaceDetector:
     Args:
         score_threshold: detections scoring below this are dropped, unless a call says otherwise. At 0.5 it
             finds 95.5% of wider-dev's portrait faces of 64 px and more and 86.8% of group faces of 32 px and
-            more, with 0.21 and 0.63 boxes per photo on no labelled face; 0.7 gives 0.09 and 0.27 at 94.0% and
+            more, with 0.21 and 0.62 boxes per photo on no labelled face; 0.7 gives 0.09 and 0.26 at 94.0% and
             83% (benchmarks/face_detection.py prints recall and extra boxes for several thresholds).
         nms_threshold: overlapping detections above this IoU are merged into the best one. RetinaFace's usual 0.4
             left two boxes on some faces (one shifted or larger, IoU 0.3-0.4 with the other) and a box between two

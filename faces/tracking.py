@@ -11,15 +11,7 @@ import torch
 from modeling.modeling_age_gender import prediction_records
 
 from .analysis import FaceRecord
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    """Intersection over union of two `[x0, y0, x1, y1]` boxes."""
-    inter_w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from .detection import box_iou
 
 
 @dataclass

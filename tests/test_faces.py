@@ -16,7 +16,8 @@ from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
 from faces.alignment import UTKFACE_TEMPLATE, similarity_transform
-from faces.detection import DEFAULT_NMS_THRESHOLD, non_maximum_suppression
+from faces.analysis import take_large_faces_from_coarse_pass
+from faces.detection import DEFAULT_NMS_THRESHOLD, Detection, non_maximum_suppression
 
 
 def obama_box(analyzer) -> list[int]:
@@ -68,6 +69,36 @@ def test_boxes_are_in_the_pixels_of_a_small_photo(analyzer):
     tiny = Image.open(EXAMPLES / "obama.jpg").resize((160, 200))
     (face,) = analyzer.analyze(tiny).faces
     assert box_iou(face.box, [v / 3 for v in small]) > 0.7
+
+
+@pytest.mark.parametrize("name", ["obama.jpg", "astronaut.jpg"])
+def test_a_face_that_fills_a_large_photo_gets_one_box_and_its_own_age(analyzer, name):
+    """A close-up headshot at 1024 px (the face about 920 px tall): in one pass the detector answered it with a
+    second box on part of the face, and a main box whose age was off by 12 years (Obama: 42 and 26 for 54)."""
+    (face,) = analyzer.analyze(EXAMPLES / name).faces
+    x0, y0, x1, y1 = face.box
+    half = (y1 - y0) / 0.9 / 2
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+    close_up = Image.open(EXAMPLES / name).crop(
+        (round(centre_x - half), round(centre_y - half), round(centre_x + half), round(centre_y + half))
+    ).resize((1024, 1024), Image.Resampling.BICUBIC)
+    (large,) = analyzer.analyze(close_up).faces
+    assert large.box[3] - large.box[1] > 700 and abs(large.age - face.age) < 3 and large.gender == face.gender
+
+
+def test_large_faces_come_from_the_coarse_pass_and_parts_of_them_are_dropped():
+    def detection(box, score=0.9):
+        return Detection(np.array(box, dtype=float), score, np.zeros((5, 2)))
+
+    face = detection([100, 100, 600, 700])  # coarse pass: a face 600 px tall
+    fine = [
+        detection([150, 120, 550, 560]),  # the same face, cut short: lies inside it
+        detection([200, 450, 500, 690], 0.6),  # its mouth and chin seen as a face
+        detection([700, 100, 760, 170]),  # a small face beside it
+        detection([0, 0, 1600, 1200], 0.8),  # a whole-scene box the coarse pass does not confirm
+    ]
+    kept = take_large_faces_from_coarse_pass(fine, [face], large=384)
+    assert [d.box.tolist() for d in kept] == [face.box.tolist(), fine[2].box.tolist()]
 
 
 def test_an_exif_rotated_photo_is_read_upright_with_upright_boxes(analyzer, tmp_path):
