@@ -418,3 +418,22 @@ def test_an_interrupted_descriptor_run_resumes_to_the_same_weights(training_data
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     interrupt_then_resume(training_data, tmp_path / "interrupted", *extra)
     assert_same_weights(tmp_path / "whole", tmp_path / "interrupted")
+
+
+def test_cut_off_faces_repeat_the_edge_kept_as_the_aligner_fills_a_photo_border():
+    from training.augment import random_cut_off
+
+    rows = torch.arange(64.0).view(1, 1, 64, 1).expand(32, 1, 64, 64)
+    cols = torch.arange(64.0).view(1, 1, 1, 64).expand(32, 1, 64, 64)
+    faces = torch.cat([rows, cols, torch.zeros_like(rows)], dim=1)  # each pixel holds its own row and column
+    cut = random_cut_off(faces, 1.0, torch.Generator().manual_seed(0))
+    sides_cut = 0
+    for face in cut:
+        for coordinate, along in ((face[0, :, 0], "rows"), (face[1, 0, :], "cols")):
+            first, last = int(coordinate[0]), int(coordinate[-1])  # the first and last row (column) kept
+            assert 0 <= first <= 0.3 * 64 and 63 - 0.3 * 64 <= last <= 63, along
+            assert torch.equal(coordinate, torch.arange(64.0).clamp(first, last)), along
+            sides_cut += (first > 0) + (last < 63)
+        assert torch.equal(face[0], face[0, :, :1].expand(64, 64)) and torch.equal(face[1], face[1, :1, :].expand(64, 64))
+    assert 32 <= sides_cut <= 96  # each side of each face cut with even odds: 64 expected of 128
+    assert torch.equal(random_cut_off(faces, 0.0, torch.Generator().manual_seed(0)), faces)

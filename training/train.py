@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--augment_strength", type=float, default=1.0, help="0 turns augmentation off.")
     optim.add_argument(
         "--degrade_strength", type=float, default=1.0,
-        help="How often faces get real-photo degradations (low resolution, blur, noise, lighting, occlusion, JPEG); 0 turns them off.",
+        help="How often faces get real-photo degradations (low resolution, blur, noise, lighting, occlusion, cut by the border, JPEG); 0 turns them off.",
     )
     optim.add_argument("--ema_decay", type=float, default=0.998, help="EMA of weights; 0 turns it off.")
     optim.add_argument("--seed", type=int, default=42)
