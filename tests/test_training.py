@@ -247,7 +247,8 @@ def test_missing_dataset_names_what_was_expected(tmp_path):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--epochs", "0"], "must be positive"), (["--num_threads", "0"], "--num_threads must be positive"), (["--push_to_hub"], "--hub_model_id")],
+    [(["--epochs", "0"], "must be positive"), (["--num_threads", "0"], "--num_threads must be positive"), (["--push_to_hub"], "--hub_model_id"),
+     (["--cut_off_probability", "1.5"], "between 0 and 1")],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
     from training.train import parse_args

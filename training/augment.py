@@ -107,8 +107,9 @@ def random_occlusion(pixels: torch.Tensor, probability: float, generator: torch.
 def random_cut_off(pixels: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor:
     """A face cut by the photo's border or by a tight face crop: the aligner fills what lies past the photo by
     repeating its edge, so each side of a chosen face is, with even odds, cut by 3-30% of the side and filled
-    with the last row or column kept. The shipped model, trained without it, ages faces cut to their centre
-    65% 2.0 years worse than whole ones; fine-tuned with it, 1.2 (benchmarks/face_detection.py, README)."""
+    with the last row or column kept. Off by default: fine-tuned with it (15% of faces), the shipped model
+    aged faces cut to their centre 65% 1.2 years worse than whole ones instead of 2.0, but whole faces 0.08
+    years worse than the same fine-tune without it (README: Training)."""
     batch, _, height, width = pixels.shape
     cut = per_face(pixels, 0.03, 0.3, generator, channels=4).view(batch, 4)
     cut = cut * (torch.rand(batch, 4, device=pixels.device, generator=generator) < 0.5)
@@ -143,26 +144,31 @@ def random_jpeg(pixels: torch.Tensor, probability: float, generator: torch.Gener
 
 def random_degradation(pixels: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """What faces cut from real photos look like and UTKFace's clean 200 px crops do not: low resolution, blur,
-    noise, colour casts and low light, occlusion, faces cut by the photo's border and JPEG artefacts. `strength`
-    scales how often each occurs."""
+    noise, colour casts and low light, occlusion and JPEG artefacts. `strength` scales how often each occurs."""
     p = min(1.0, strength)
     pixels = random_low_resolution(pixels, 0.4 * p, generator)
     pixels = random_blur(pixels, 0.25 * p, generator)
     pixels = random_lighting(pixels, 0.3 * p, generator)
     pixels = random_occlusion(pixels, 0.2 * p, generator)
     pixels = random_noise(pixels, 0.25 * p, generator)
-    pixels = random_cut_off(pixels, 0.15 * p, generator)
     return random_jpeg(pixels.clamp(0, 255), 0.3 * p, generator)
 
 
 def augment_batch(
-    pixels: torch.Tensor, strength: float = 1.0, generator: torch.Generator | None = None, degrade_strength: float = 0.0
+    pixels: torch.Tensor,
+    strength: float = 1.0,
+    generator: torch.Generator | None = None,
+    degrade_strength: float = 0.0,
+    cut_off_probability: float = 0.0,
 ) -> torch.Tensor:
     """uint8 `(N, H, W, 3)` faces to augmented float `(N, 3, H, W)` on the 0-255 scale; strength 0 is a no-op.
-    `degrade_strength` > 0 adds the real-photo degradations of `random_degradation`."""
+    `degrade_strength` > 0 adds the real-photo degradations of `random_degradation`, `cut_off_probability` the
+    share of faces cut as by a photo's border (`random_cut_off`)."""
     pixels = pixels.permute(0, 3, 1, 2).float()
     if strength > 0:
         pixels = random_colour(random_affine(pixels, strength, generator), strength, generator)
     if degrade_strength > 0:
         pixels = random_degradation(pixels, degrade_strength, generator)
+    if cut_off_probability > 0:
+        pixels = random_cut_off(pixels, cut_off_probability, generator)
     return pixels

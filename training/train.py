@@ -90,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--augment_strength", type=float, default=1.0, help="0 turns augmentation off.")
     optim.add_argument(
         "--degrade_strength", type=float, default=1.0,
-        help="How often faces get real-photo degradations (low resolution, blur, noise, lighting, occlusion, cut by the border, JPEG); 0 turns them off.",
+        help="How often faces get real-photo degradations (low resolution, blur, noise, lighting, occlusion, JPEG); 0 turns them off.",
+    )
+    optim.add_argument(
+        "--cut_off_probability", type=float, default=0.0,
+        help="Share of faces cut as by a photo's border or a tight crop, the cut filled by repeating the edge (README: Training).",
     )
     optim.add_argument("--ema_decay", type=float, default=0.998, help="EMA of weights; 0 turns it off.")
     optim.add_argument("--seed", type=int, default=42)
@@ -124,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs, --batch_size and --learning_rate must be positive")
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be positive")
+    if not 0 <= args.cut_off_probability <= 1:
+        parser.error("--cut_off_probability must lie between 0 and 1")
     return args
 
 
@@ -410,7 +416,9 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
         teacher = targets[:2] if args.distill_from else None
         descriptor = targets[-1] if run.projection is not None else None
         with accelerator.accumulate(model):
-            pixel_values = run.processor.normalize_batch(augment_batch(pixels, args.augment_strength, degrade_strength=args.degrade_strength))
+            pixel_values = run.processor.normalize_batch(augment_batch(
+                pixels, args.augment_strength, degrade_strength=args.degrade_strength, cut_off_probability=args.cut_off_probability
+            ))
             outputs = model(pixel_values=pixel_values, age=age, gender=gender)
             loss = outputs.loss
             if teacher:
