@@ -86,6 +86,21 @@ def test_a_face_that_fills_a_large_photo_gets_one_box_and_its_own_age(analyzer, 
     assert large.box[3] - large.box[1] > 700 and abs(large.age - face.age) < 3 and large.gender == face.gender
 
 
+@pytest.mark.parametrize("turn", [90, 180, 270])
+def test_a_photo_turned_without_exif_gets_the_upright_answer(analyzer, turn):
+    """Without its EXIF rotation a photo reaches the app on its side or upside down: RetinaFace finds the face
+    but places its landmarks loosely, and the astronaut was read as a man of 32 (a quarter turn), a man of 65
+    (upside down) or a girl of 10 (three quarters)."""
+    (upright,) = analyzer.analyze(EXAMPLES / "astronaut.jpg").faces
+    (turned,) = analyzer.analyze(Image.open(EXAMPLES / "astronaut.jpg").rotate(turn, expand=True)).faces
+    assert turned.gender == upright.gender == "female" and abs(turned.age - upright.age) < 3
+    (left_x, left_y), (right_x, right_y) = turned.landmarks[:2]
+    x0, y0, x1, y1 = turned.box
+    assert x0 <= min(left_x, right_x) and max(left_x, right_x) <= x1 and y0 <= min(left_y, right_y) and max(left_y, right_y) <= y1
+    eye_line = np.degrees(np.arctan2(right_y - left_y, right_x - left_x))
+    assert abs((eye_line + turn + 180) % 360 - 180) < 20  # turned counter-clockwise with the photo (y points down)
+
+
 def test_large_faces_come_from_the_coarse_pass_and_parts_of_them_are_dropped():
     def detection(box, score=0.9):
         return Detection(np.array(box, dtype=float), score, np.zeros((5, 2)))

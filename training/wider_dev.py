@@ -97,12 +97,12 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     the detector's settings too: they decide which faces are found."""
     import hashlib
 
-    from faces.analysis import COARSE_SIDE, LARGE_FACE
+    from faces.analysis import PHOTO_SEARCH_VERSION
     from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
     from training.data import default_cache_dir, write_atomically
 
     root = Path(root).resolve()
-    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{LARGE_FACE}|{COARSE_SIDE}"
+    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}"
     key = hashlib.sha1(settings.encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
