@@ -338,7 +338,7 @@ def example_face_crops() -> list[np.ndarray]:
     from PIL import Image
 
     from faces.alignment import align_face
-    from faces.analysis import detect_in_photo
+    from faces.search import detect_in_photo
     from faces.detection import RetinaFaceDetector
 
     from conftest import EXAMPLES

@@ -97,7 +97,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     the detector's settings too: they decide which faces are found."""
     import hashlib
 
-    from faces.analysis import PHOTO_SEARCH_VERSION
+    from faces.search import PHOTO_SEARCH_VERSION
     from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
     from training.data import default_cache_dir, write_atomically
 
@@ -115,7 +115,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
 
 def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray]:
     from faces.alignment import align_face
-    from faces.analysis import detect_in_photo
+    from faces.search import detect_in_photo
     from faces.detection import RetinaFaceDetector
     from modeling.image_processing_age_gender import load_rgb_image
 
