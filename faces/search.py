@@ -110,13 +110,16 @@ def turned_upright(detector: RetinaFaceDetector, photo: Image.Image, detection: 
     # The turn the landmarks point to first; the others when they were too loose to point the right way.
     for turns in sorted(QUARTER_TURNS, key=lambda t: t != likely):
         transpose, turn_back = QUARTER_TURNS[turns]
+
+        def to_photo(points: np.ndarray) -> np.ndarray:
+            return np.array([turn_back(u, v, side) for u, v in points]) + [left, top]
+
         found, _ = detect_at_side(detector, region.transpose(transpose), min(max(side, 320), 640), min_score)
         for candidate in found:
-            corners = np.array([turn_back(u, v, side) for u, v in candidate.box.reshape(2, 2)]) + [left, top]
+            corners = to_photo(candidate.box.reshape(2, 2))
             box = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
             if abs(roll_degrees(candidate.landmarks)) < 45 and candidate.score > detection.score and box_iou(box, detection.box) >= 0.4:
-                landmarks = np.array([turn_back(u, v, side) for u, v in candidate.landmarks]) + [left, top]
-                return Detection(box, candidate.score, landmarks)
+                return Detection(box, candidate.score, to_photo(candidate.landmarks))
     return detection
 
 

@@ -16,8 +16,8 @@ from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
 from faces.alignment import UTKFACE_TEMPLATE, similarity_transform
-from faces.search import take_large_faces_from_coarse_pass
 from faces.detection import DEFAULT_NMS_THRESHOLD, Detection, non_maximum_suppression
+from faces.search import take_large_faces_from_coarse_pass
 
 
 def obama_box(analyzer) -> list[int]:

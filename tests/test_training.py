@@ -338,8 +338,8 @@ def example_face_crops() -> list[np.ndarray]:
     from PIL import Image
 
     from faces.alignment import align_face
-    from faces.search import detect_in_photo
     from faces.detection import RetinaFaceDetector
+    from faces.search import detect_in_photo
 
     from conftest import EXAMPLES
 

@@ -97,8 +97,8 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     the detector's settings too: they decide which faces are found."""
     import hashlib
 
-    from faces.search import PHOTO_SEARCH_VERSION
     from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
+    from faces.search import PHOTO_SEARCH_VERSION
     from training.data import default_cache_dir, write_atomically
 
     root = Path(root).resolve()
@@ -115,8 +115,8 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
 
 def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray]:
     from faces.alignment import align_face
-    from faces.search import detect_in_photo
     from faces.detection import RetinaFaceDetector
+    from faces.search import detect_in_photo
     from modeling.image_processing_age_gender import load_rgb_image
 
     detector = RetinaFaceDetector()  # at its defaults, which key the cache
