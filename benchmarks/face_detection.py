@@ -126,7 +126,7 @@ def centre(image: Image.Image, fraction: float) -> Image.Image:
 def cut_faces_report(analyzer: FaceAnalyzer, data: str, count: int) -> None:
     """Other datasets cut their faces tighter than UTKFace, and photos cut faces at their border; the aligner
     then fills what lies past the image by repeating its edge. The whole app path on UTKFace test crops cut to
-    their centre (the largest face found, or the whole-image reading when none is)."""
+    their centre (the largest face found, or the crop read as a face crop when none is)."""
     from training.data import GENDER_NAMES
 
     faces = [(row["image"].convert("RGB"), row["age"], GENDER_NAMES[row["gender"]]) for row in utkface_rows(data, count, "test")]
@@ -134,7 +134,7 @@ def cut_faces_report(analyzer: FaceAnalyzer, data: str, count: int) -> None:
         found, errors, right = [], [], []
         for image, age, gender in faces:
             result = analyzer.analyze(centre(image, fraction))
-            face = max(result.faces, key=lambda f: f.box[3] - f.box[1], default=result.whole_image)
+            face = max(result.faces, key=lambda f: f.box[3] - f.box[1], default=None) or analyzer.analyze(result.image, assume_face_crop=True).faces[0]
             found.append(bool(result.faces))
             errors.append(abs(face.age - age))
             right.append(face.gender == gender)

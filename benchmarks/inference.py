@@ -1,5 +1,6 @@
-"""Inference speed on this machine: faces/s at batch 1, 8 and 64 for the shipped model and the seed
-replica, single-face latency, whole photos end to end, and peak memory.
+"""Inference speed on this machine: faces/s at batch 1, 8 and 64 for the shipped model on torch (float32,
+bfloat16) and on onnxruntime (float32, int8, where the model folder has its ONNX export) and for the seed
+replica, single-face latency, whole photos end to end on each runtime, and peak memory.
 
     python benchmarks/inference.py [--model model] [--seed_model runs/seed]
 
@@ -22,12 +23,18 @@ from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 import modeling  # noqa: E402,F401
 from benchmarks.common import ROOT, machine, p50_p95, peak_memory_mb, test_photo, timings_ms  # noqa: E402
-from faces import FaceAnalyzer, annotate, native_bfloat16  # noqa: E402
+from faces import FaceAnalyzer, OnnxAgeGenderModel, annotate, native_bfloat16  # noqa: E402
+from faces.analysis import checked_model_source  # noqa: E402
+from faces.onnx_model import onnx_path  # noqa: E402
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel  # noqa: E402
+
+
+PHOTOS = (((640, 480), 1), ((640, 480), 5), ((1920, 1080), 1), ((1920, 1080), 5))
 
 
 def load(path: str | None, preset: str, dtype: torch.dtype = torch.float32):
     if path:
+        path = checked_model_source(path)
         return AutoModel.from_pretrained(path, dtype=dtype).eval(), AutoImageProcessor.from_pretrained(path)
     config = AgeGenderConfig.from_preset(preset)
     return AgeGenderModel(config).eval(), AgeGenderImageProcessor(image_size=config.image_size)
@@ -40,9 +47,12 @@ def gflops_per_face(model, image_size: int) -> float:
 
 
 @torch.inference_mode()
-def model_figures(name: str, model, processor) -> dict:
+def model_figures(name: str, model, processor, gflops: float | None = None) -> dict:
+    """Faces/s at batch 1, 8 and 64 and one face through processor and model; `gflops` for a model that torch
+    cannot count (an onnxruntime session)."""
     size = model.config.image_size
-    figures = {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "input": size, "gflops": gflops_per_face(model, size)}
+    gflops = gflops_per_face(model, size) if gflops is None else gflops
+    figures = {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "input": size, "gflops": gflops}
     for batch in (1, 8, 64):
         pixels = torch.randn(batch, 3, size, size)
         samples = timings_ms(lambda: model(pixel_values=pixels), repeats=max(5, 200 // batch))
@@ -59,10 +69,19 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
     shipped = f"shipped ({Path(args.model).name})"
-    rows = [model_figures(f"{shipped}, float32", *load(args.model, "small"))]
+    torch_model, processor = load(args.model, "small")
+    rows = [model_figures(f"{shipped}, torch float32", torch_model, processor)]
+    runtimes = ["torch"]
     if native_bfloat16("cpu"):
-        rows.append(model_figures(f"{shipped}, bfloat16", *load(args.model, "small", torch.bfloat16)))
-    seed = model_figures("seed replica, float32", *load(args.seed_model, "seed"))
+        rows.append(model_figures(f"{shipped}, torch bfloat16", *load(args.model, "small", torch.bfloat16)))
+    for runtime, precision in (("onnx", "float32"), ("onnx-int8", "int8")):
+        if onnx_path(args.model, precision).is_file():
+            onnx_model = OnnxAgeGenderModel(args.model, precision)
+            rows.append(model_figures(f"{shipped}, onnxruntime {precision}", onnx_model, processor, rows[0]["gflops"]))
+            runtimes.append(runtime)
+        else:
+            print(f"(no {onnx_path(args.model, precision)}: onnxruntime {precision} not timed; python -m training.export_onnx writes it)")
+    seed = model_figures("seed replica, torch float32", *load(args.seed_model, "seed"))
     rows.append(seed)
     print("| model | parameters | input | GFLOPs/face | faces/s b1 | faces/s b8 | faces/s b64 | single face (processor + model) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -72,14 +91,17 @@ def main() -> None:
         print(f"\n{row['name']} at batch 64: {row['faces_per_s_b64'] / seed['faces_per_s_b64']:.1f}x the seed replica's faces/s", end="")
     print()
 
-    analyzer = FaceAnalyzer(args.model)
-    print(f"\nPhotos end to end (load, detect, align, predict in {analyzer.model.dtype}, draw):")
-    for size in ((640, 480), (1920, 1080)):
-        for faces in (1, 5):
+    print("\nPhotos end to end (load, detect, align, predict, draw), p50 / p95:")
+    print("| runtime | " + " | ".join(f"{w}x{h}, {n} face{'s' if n > 1 else ''}" for (w, h), n in PHOTOS) + " |")
+    print("|---|" + "---|" * len(PHOTOS))
+    for runtime in runtimes:
+        analyzer = FaceAnalyzer(args.model, runtime=runtime)
+        cells = []
+        for size, faces in PHOTOS:
             photo = test_photo(size, faces)
-            found = len(analyzer.analyze(photo).faces)
             samples = timings_ms(lambda: annotate(*(lambda r: (r.image, r.faces))(analyzer.analyze(photo))), repeats=30)
-            print(f"  {size[0]}x{size[1]}, {faces} face{'s' if faces > 1 else ''} ({found} found): {p50_p95(samples)}")
+            cells.append(p50_p95(samples))
+        print(f"| {runtime} ({analyzer.model.dtype}) | " + " | ".join(cells) + " |")
     print(f"\nPeak memory of this process: {peak_memory_mb():.0f} MB")
 
 

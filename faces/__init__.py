@@ -10,9 +10,10 @@ detection (RetinaFace) -> search (every face in a photo) -> alignment (UTKFace f
 """
 
 from .alignment import CHIP_SIZE, align_face
-from .analysis import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, PhotoResult, native_bfloat16, resolve_dtype
+from .analysis import DEFAULT_MODEL, RUNTIMES, FaceAnalyzer, FaceRecord, PhotoResult, native_bfloat16, resolve_dtype
 from .detection import Detection, RetinaFaceDetector, box_iou
 from .drawing import FACE_COLOURS, annotate, face_colour, face_label
+from .onnx_model import OnnxAgeGenderModel
 from .search import detect_in_photo, reading_order
 from .tracking import FaceTracker
 
@@ -24,6 +25,8 @@ __all__ = [
     "FaceAnalyzer",
     "FaceRecord",
     "FaceTracker",
+    "OnnxAgeGenderModel",
+    "RUNTIMES",
     "PhotoResult",
     "RetinaFaceDetector",
     "align_face",

@@ -18,12 +18,14 @@ from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
 from .alignment import CHIP_SIZE, align_face
 from .detection import Detection, RetinaFaceDetector
+from .onnx_model import OnnxAgeGenderModel
 from .search import detect_in_photo
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model"
 # On real photos a gender given with at least this confidence was right 96.2% of the time (wider-dev, 442 of
 # 876 faces) and under it 70% (434 faces; README: Results), so labels mark the genders under it as guesses.
 CONFIDENT_GENDER_SCORE = 0.9
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -61,12 +63,12 @@ class FaceRecord:
 @dataclass
 class PhotoResult:
     """What `FaceAnalyzer.analyze` found. `image` is the upright RGB photo that boxes refer to, at its own size;
-    `faces` are in reading order (rows top to bottom, left to right in a row); `whole_image` is set when no face
-    was found: the photo read as one face crop, which is not a face found."""
+    `faces` are in reading order (rows top to bottom, left to right in a row), and empty when no face was found:
+    a photo without a face gets no age or gender (the model would read a cat, a balloon or the sky as a person)
+    unless the caller says it is a face crop (`assume_face_crop`)."""
 
     image: Image.Image
     faces: list[FaceRecord]
-    whole_image: FaceRecord | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -96,6 +98,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def checked_model_source(model: str | os.PathLike) -> str:
+    """`model` as given, after refusing at once a path to a folder that does not exist. Anything that is not a
+    plain "user/name" Hub id, or whose first part is a local folder (`runs/nope`), is taken as a path: such
+    names used to be tried on the Hub, with five retries over about 25 s before an unrelated network error."""
+    source = str(model)
+    path = Path(source).expanduser()
+    parts = source.split("/")
+    hub_id = len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(parts[0]).is_dir()
+    if not path.is_dir() and not hub_id:
+        raise FileNotFoundError(f"no model folder at {source}: give a folder holding config.json and model.safetensors, or a Hub id (user/name)")
+    return source
+
+
 class FaceAnalyzer:
     """Loads the model and the face detector once and answers photos: detect (RetinaFace), align (5 landmarks
     onto UTKFace's framing), predict.
@@ -112,6 +127,9 @@ class FaceAnalyzer:
             patterns, faces in pictures), lower finds more small and blurred faces.
         batch_size: faces predicted per forward pass.
         dtype: "auto" (bfloat16 on CPUs that compute it natively, else float32), "float32" or "bfloat16".
+        runtime: "torch", "onnx" (the folder's `onnx/model.onnx` on onnxruntime, float32) or "onnx-int8" (its
+            `onnx/model_int8.onnx`); see `python -m training.export_onnx`. Same post-processing and answers
+            within the export's checked tolerances; `dtype` and `device` apply to torch only.
 
     Safe to call from several threads at once: the detector's onnxruntime session, PIL and the model in
     inference mode keep no state between calls.
@@ -128,9 +146,17 @@ class FaceAnalyzer:
         batch_size: int = 32,
         device: str = "cpu",
         dtype: str = "auto",
+        runtime: str = "torch",
     ):
-        self.model_source = str(model)
-        self.model = AutoModel.from_pretrained(self.model_source, dtype=resolve_dtype(dtype, device)).to(device).eval()
+        self.model_source = checked_model_source(model)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        if runtime == "torch":
+            self.model = AutoModel.from_pretrained(self.model_source, dtype=resolve_dtype(dtype, device)).to(device).eval()
+        else:
+            self.model = OnnxAgeGenderModel(self.model_source, "int8" if runtime == "onnx-int8" else "float32")
+            device = "cpu"
+        self.runtime = runtime
         self.processor = AutoImageProcessor.from_pretrained(self.model_source)
         self.detector = RetinaFaceDetector(score_threshold=min_detection_score)
         self.detect_side = detect_side
@@ -167,20 +193,14 @@ class FaceAnalyzer:
 
     def analyze(self, image: ImageLike, assume_face_crop: bool = False, min_score: float | None = None) -> PhotoResult:
         """Every face in a photo scoring at least `min_score` (default `min_detection_score`), or the photo as
-        one face when `assume_face_crop` is set. When no face is found, `whole_image` holds the prediction for
-        the photo read as a single face crop."""
+        one face when `assume_face_crop` is set; no face found gives no faces."""
         photo = self.load_photo(image)
-        whole_box = [0, 0, photo.width, photo.height]
         if assume_face_crop:
             face = self.predict_faces([photo])[0]
-            face.box = whole_box
+            face.box = [0, 0, photo.width, photo.height]
             return PhotoResult(image=photo, faces=[face])
         detections = self.detect(photo, min_score)
-        if not detections:
-            whole = self.predict_faces([photo])[0]
-            whole.box = whole_box
-            return PhotoResult(image=photo, faces=[], whole_image=whole)
-        (faces,) = self.label_detections([photo], [detections])
+        (faces,) = self.label_detections([photo], [detections]) if detections else ([],)
         return PhotoResult(image=photo, faces=faces)
 
     def label_detections(self, photos: list[Image.Image], detections: list[list[Detection]]) -> list[list[FaceRecord]]:

@@ -158,6 +158,12 @@ def read_parts(folder: Path) -> pd.DataFrame:
     return table.drop_duplicates(subset=["_order", "frame", "face", "status"], keep="first")
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A finished output table, read back by its suffix."""
+    kind = OUTPUT_FORMATS[path.suffix.lower()]
+    return pd.read_csv(path) if kind == "csv" else pd.read_parquet(path) if kind == "parquet" else pd.read_json(path, lines=True)
+
+
 def write_table(table: pd.DataFrame, out: Path) -> None:
     """The merged rows in input order, as CSV, JSON Lines or Parquet by the file's suffix; written to a
     temporary name and renamed, so that an existing output is replaced only by a complete one."""
@@ -213,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min_detection_score", type=float, default=0.5)
     parser.add_argument("--detect_side", type=int, default=1280)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"], help="torch, or the model folder's ONNX export: onnx, onnx-int8.")
     args = parser.parse_args(argv)
     if Path(args.out).suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--out must end in .csv, .jsonl or .parquet, not {Path(args.out).name!r}")
@@ -284,6 +291,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     share_cores(accelerator.num_processes, accelerator.device)
     if accelerator.is_main_process and parts.exists() and not args.resume and any(parts.iterdir()):
         raise SystemExit(f"error: {parts} holds an interrupted run: pass --resume to continue it, or delete it to start afresh")
+    if args.resume and out.is_file() and not parts.exists():  # the parts are merged and removed only at the end
+        accelerator.print(f"{out} is complete: nothing to resume (run without --resume to label everything again)")
+        return read_table(out)
     accelerator.wait_for_everyone()
 
     dataset = load_dataset_input(args.input, args.split, args.image_column) if args.dataset else None
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     todo = [item for item in items if item.order not in done]
     analyzer = FaceAnalyzer(
         args.model or DEFAULT_MODEL, detect_side=args.detect_side, min_detection_score=args.min_detection_score,
-        batch_size=args.batch_size, device=str(accelerator.device), dtype=args.dtype,
+        batch_size=args.batch_size, device=str(accelerator.device), dtype=args.dtype, runtime=args.runtime,
     )
     accelerator.print(
         f"{len(items)} inputs, {len(done)} already written, {len(todo)} to label on {accelerator.num_processes} "

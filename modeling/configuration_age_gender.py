@@ -93,6 +93,15 @@ class AgeGenderConfig(PretrainedConfig):
         age_interval_bands (`list[int]`, *optional*, defaults to `[10, 30, 50]`):
             Predicted ages at which the interval's scale changes when `age_interval_scale` is a list (which then
             holds one scale more than this holds ages).
+        gender_class_weights (`list[float]`, *optional*):
+            Weight of each gender class (in `id2label` order) in the gender cross-entropy, for training data that
+            holds more of one class (WIDER FACE's real faces are two thirds male); None weighs both alike.
+        age_range_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the loss that puts the age distribution's mass inside a known age range, for faces whose
+            label is an age group (a range of years) rather than an age.
+        gender_temperature (`float`, *optional*, defaults to 1.0):
+            The gender logits are divided by it before the softmax in `post_process_age_gender`: calibrated on
+            real-photo validation faces, so that a confidence of 90% is right about 90% of the time there.
     """
 
     model_type = "age_gender_cnn"
@@ -118,6 +127,9 @@ class AgeGenderConfig(PretrainedConfig):
         age_interval_coverage: float = 0.8,
         age_interval_scale: float | list[float] = 1.2816,
         age_interval_bands: list[int] | None = None,
+        gender_class_weights: list[float] | None = None,
+        age_range_loss_weight: float = 1.0,
+        gender_temperature: float = 1.0,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -152,6 +164,13 @@ class AgeGenderConfig(PretrainedConfig):
                 f"{len(self.age_interval_bands) + 1}, got {len(age_interval_scale)}"
             )
         self.age_interval_scale = age_interval_scale
+        if gender_class_weights is not None and (len(gender_class_weights) != 2 or min(gender_class_weights) <= 0):
+            raise ValueError(f"gender_class_weights must be two positive numbers, got {gender_class_weights}")
+        if gender_temperature <= 0:
+            raise ValueError(f"gender_temperature must be positive, got {gender_temperature}")
+        self.gender_class_weights = None if gender_class_weights is None else [float(w) for w in gender_class_weights]
+        self.age_range_loss_weight = age_range_loss_weight
+        self.gender_temperature = float(gender_temperature)
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)

@@ -166,6 +166,12 @@ def summarize_predictions(age_probs: torch.Tensor, gender_probs: torch.Tensor, c
     return {"age": age, "age_std": age_std, "age_low": low, "age_high": high, "gender_id": gender_id, "gender_score": gender_score}
 
 
+def gender_probabilities(gender_logits: torch.Tensor, config: AgeGenderConfig) -> torch.Tensor:
+    """The gender distribution, the logits divided by `config.gender_temperature` (calibrated on real photos):
+    what every reported gender confidence is. Configs saved before the field existed read as 1."""
+    return (gender_logits.float() / getattr(config, "gender_temperature", 1.0)).softmax(-1)
+
+
 def prediction_records(age_probs: torch.Tensor, gender_probs: torch.Tensor, config: AgeGenderConfig, return_distributions: bool = False) -> list[dict]:
     """One record per face: `{"age": 31.4, "age_interval": [27, 36], "age_std": 3.9, "gender": "female",
     "gender_score": 0.97}`, gender names from `config.id2label`; with `return_distributions`, also
@@ -241,14 +247,22 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         pixel_values: torch.Tensor,
         age: torch.Tensor | None = None,
         gender: torch.Tensor | None = None,
+        age_range: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AgeGenderOutput | tuple:
         """
         Args:
             pixel_values: `(batch, channels, image_size, image_size)` as the image processor makes them.
-            age: true ages in years, for the loss.
-            gender: true gender ids (0 male, 1 female), for the loss.
+            age: true ages in years, for the loss; a negative age marks a face whose age is unknown.
+            gender: true gender ids (0 male, 1 female), for the loss; a negative id (-1, or transformers'
+                ignore index -100) marks a face whose gender is unknown.
+            age_range: `(batch, 2)` lowest and highest age in years that a face's label allows (a perceived age
+                group), for the loss; a negative or NaN bound marks a face without one.
+
+        The loss is returned when any label is given. Each face contributes the terms its labels allow, each term
+        summed over those faces and divided by the batch size, so that a face without a label adds nothing to
+        that label's gradient and a batch of fully labelled faces gives the plain mean.
         """
         features = self.backbone(pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last))
         age_logits = self.age_head(features).float()
@@ -256,28 +270,60 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
 
         loss = None
-        if age is not None and gender is not None:
-            loss = self.age_loss(age_logits, expected_age, age) + self.config.gender_loss_weight * F.cross_entropy(
-                gender_logits, gender.long(), label_smoothing=self.config.gender_label_smoothing
-            )
+        if age is not None or gender is not None or age_range is not None:
+            loss = age_logits.new_zeros(())
+            if age is not None:
+                loss = loss + self.age_loss(age_logits, expected_age, age)
+            if gender is not None:
+                loss = loss + self.config.gender_loss_weight * self.gender_loss(gender_logits, gender)
+            if age_range is not None:
+                loss = loss + self.config.age_range_loss_weight * self.age_range_loss(age_logits, age_range)
         output = AgeGenderOutput(
             loss=loss, age=expected_age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits,
             pooler_output=features,
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def gender_probabilities(self, gender_logits: torch.Tensor) -> torch.Tensor:
+        """See `gender_probabilities`."""
+        return gender_probabilities(gender_logits, self.config)
+
     def post_process_age_gender(self, outputs: AgeGenderOutput, return_distributions: bool = False) -> list[dict]:
         """One record per image of a forward pass, in the manner of transformers' `post_process_*` methods
         (see `prediction_records`). It lives on the model rather than the image processor because the answers
         depend on the model's config: its age range, calibrated interval and gender labels."""
-        return prediction_records(outputs.age_logits.softmax(-1), outputs.gender_logits.softmax(-1), self.config, return_distributions)
+        return prediction_records(outputs.age_logits.softmax(-1), self.gender_probabilities(outputs.gender_logits), self.config, return_distributions)
 
     def age_loss(self, age_logits: torch.Tensor, expected_age: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """DLDL-v2 (Gao et al., "Age Estimation Using Expectation of Label Distribution Learning", IJCAI 2018):
         KL divergence from a Gaussian label distribution, plus an L1 term on the expected age, so that the
-        distribution is learnt and its mean is pulled to the true age."""
+        distribution is learnt and its mean is pulled to the true age. Faces with a negative age are skipped."""
+        known = age >= 0
         age = age.float().clamp(self.config.min_age, self.config.max_age)
         bins = age_bins(self.config.min_age, self.config.num_ages, age.device)
         target = gaussian_label_distribution(age, bins, self.config.age_label_sigma)
-        kl = F.kl_div(age_logits.log_softmax(dim=-1), target, reduction="batchmean")
-        return kl + self.config.age_l1_weight * F.l1_loss(expected_age, age)
+        kl = F.kl_div(age_logits.log_softmax(dim=-1), target, reduction="none").sum(-1)
+        per_face = kl + self.config.age_l1_weight * (expected_age - age).abs()
+        return torch.where(known, per_face, 0.0).sum() / len(age)
+
+    def gender_loss(self, gender_logits: torch.Tensor, gender: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with label smoothing and the config's class weights, over the faces whose gender is
+        known (a non-negative id). Weighted faces count as that many faces, so the term keeps its scale."""
+        known = gender >= 0
+        targets = torch.where(known, gender.long(), 0)
+        per_face = F.cross_entropy(gender_logits, targets, reduction="none", label_smoothing=self.config.gender_label_smoothing)
+        if self.config.gender_class_weights is not None:
+            per_face = per_face * torch.tensor(self.config.gender_class_weights, device=per_face.device)[targets]
+        return torch.where(known, per_face, 0.0).sum() / len(gender)
+
+    def age_range_loss(self, age_logits: torch.Tensor, age_range: torch.Tensor) -> torch.Tensor:
+        """Minus the log of the probability the predicted age distribution puts inside each face's allowed range
+        of years: zero once all the mass lies in the range, whatever its shape there. Faces without a range (a
+        negative or NaN bound) are skipped."""
+        low, high = age_range.float().unbind(-1)
+        known = (low >= 0) & (high >= low)  # NaN compares false
+        bins = age_bins(self.config.min_age, self.config.num_ages, age_logits.device)
+        inside = (bins[None, :] >= low[:, None]) & (bins[None, :] <= high[:, None])
+        log_probs = age_logits.log_softmax(dim=-1)
+        log_mass = torch.logsumexp(log_probs.masked_fill(~inside, -torch.inf), dim=-1)
+        return -torch.where(known, log_mass, 0.0).sum() / len(age_range)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client, handle_file
+import numpy as np
 from PIL import Image, ImageOps
 
 from app import build_demo, cache_image_atomically, launch, limit_malloc_arenas, predict_photo, stream_webcam
@@ -54,7 +56,7 @@ def test_photo_with_several_faces_is_labelled(client):
         assert face["gender"] in ("male", "female") and 0.5 <= face["gender_score"] <= 1
     assert Image.open(annotated).size == (896, 400)
     assert [row[0] for row in table["data"]] == [1, 2, 3]
-    assert [row[3] for row in table["data"]] == [face["gender"] for face in payload["faces"]]
+    assert [row[2] for row in table["data"]] == [face["gender"] for face in payload["faces"]]
 
 
 def test_a_crowd_is_all_in_the_table_and_the_chart_says_which_faces_it_shows(analyzer, tmp_path):
@@ -73,11 +75,24 @@ def test_a_crowd_is_all_in_the_table_and_the_chart_says_which_faces_it_shows(ana
     assert "Found 12 faces" in message and "The chart shows faces 1-10; the table lists all 12." in message
 
 
-def test_photo_without_a_face_says_so_and_offers_the_whole_image(client):
-    _, table, _, payload, message = call_api(client, EXAMPLES / "chelsea_the_cat.jpg")
-    assert payload["faces"] == [] and "No face found" in message
-    assert payload["whole_image"]["gender"] in ("male", "female") and table["data"] == []  # never a face row
-    assert f"female, {payload['whole_image']['age']:.0f}" in message or f"male, {payload['whole_image']['age']:.0f}" in message
+@pytest.mark.parametrize("picture", ["cat", "sky"])
+def test_a_picture_without_a_face_gets_no_age_or_gender(client, tmp_path, picture):
+    """The cat example and a patch of sky: "no face found", the face-crop box suggested, and no human reading of
+    the picture (the model called the cat "female, 16" and the sky "male, 28")."""
+    path = EXAMPLES / "chelsea_the_cat.jpg"
+    if picture == "sky":
+        path = tmp_path / "sky.jpg"
+        gradient = np.linspace([90, 150, 230], [180, 210, 250], 480).astype(np.uint8)
+        Image.fromarray(np.repeat(gradient[:, None, :], 640, axis=1)).save(path)
+    _, table, _, payload, message = call_api(client, path)
+    assert payload["faces"] == [] and table["data"] == [] and "whole_image" not in payload
+    assert "No face found" in message and "already a face crop" in message
+    assert not re.search(r"\b(male|female|years)\b|\d+ \(\d+-\d+\)", message.replace("face crop", ""))
+
+
+def test_a_ticked_face_crop_box_gives_the_reading_of_the_whole_picture(client):
+    _, table, _, payload, _ = call_api(client, EXAMPLES / "chelsea_the_cat.jpg", True)
+    assert len(payload["faces"]) == 1 and payload["faces"][0]["box"] == [0, 0, 451, 300] and len(table["data"]) == 1
 
 
 def test_api_boxes_are_in_the_pixels_of_the_photo_sent(client, tmp_path):
@@ -104,12 +119,20 @@ def test_the_detection_threshold_reaches_the_detector_and_is_checked(client, tmp
     loose = call_api(client, path, False, 0.3)[3]["faces"]
     assert loose and min(face["detection_score"] for face in loose) >= 0.3
     assert call_api(client, path, False, 0.95)[3]["faces"] == []
-    with pytest.raises(Exception, match="greater than maximum value 0.95"):  # gradio checks the slider's range
-        call_api(client, path, False, 0.99)
+    for outside in (0.99, 0.1):  # refused in words that name the value and the range
+        with pytest.raises(Exception, match=rf"threshold {outside:g} is outside 0.3-0.95"):
+            call_api(client, path, False, outside)
+
+
+def test_a_typed_threshold_outside_the_range_is_used_at_its_end_and_the_message_says_so(analyzer):
+    from app import predict_photo_on_page
+
+    *_, message = predict_photo_on_page(analyzer, str(EXAMPLES / "obama.jpg"), False, 0.1)
+    assert "Found 1 face" in message and "threshold 0.1 is outside 0.3-0.95; 0.3 was used" in message
 
 
 def test_bad_file_gets_a_clear_error_and_the_server_keeps_serving(client, bad_files):
-    with pytest.raises(Exception, match="not an image"):
+    with pytest.raises(Exception, match="text_renamed.jpg cannot be used: .*not an image.*Upload a JPEG"):  # names the file
         call_api(client, bad_files["text_renamed.jpg"][0])
     assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
 
@@ -275,6 +298,15 @@ def test_a_missing_model_folder_is_named_without_a_traceback(tmp_path):
     result = start_app_with_model(missing)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"could not load a model from {str(missing)!r}: there is no such folder" in result.stderr
+
+
+def test_a_model_path_that_does_not_exist_fails_at_once_without_trying_the_hub(tmp_path):
+    """Hub offline mode not set: a path was tried as a Hub id, five retries over about 25 s."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "app.py", "--model", "tests/no_such_model"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "there is no such folder" in result.stderr and "Traceback" not in result.stderr
+    assert time.perf_counter() - started < 20  # the app's own start-up (imports), no network retries
 
 
 def test_a_truncated_model_is_named_without_a_traceback(tmp_path):

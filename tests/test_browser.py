@@ -15,7 +15,6 @@ from PIL import Image
 from conftest import EXAMPLES, ROOT, blurred_cat
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
 EXAMPLE_RESULTS = {  # example -> what the page must say after a click on it
     "three_portraits.jpg": "Found 3 faces",
     "obama.jpg": "Found 1 face",
@@ -97,18 +96,15 @@ def test_group_photo_is_numbered_alike_on_photo_table_and_chart(page, tmp_path):
     page.get_by_text("Found 3 faces").wait_for(timeout=60_000)
     rows = wait_for_rows(page, 3)
     assert [row[0] for row in rows] == ["1", "2", "3"]
-    assert [row[3] for row in rows] == ["male", "male", "female"]  # left to right: Obama, Biden, Collins
+    assert [row[2] for row in rows] == ["male", "male", "female"]  # left to right: Obama, Biden, Collins
     for row in rows:
-        low, high = map(int, row[2].split("-"))
-        assert low <= int(row[1]) <= high
+        age, low, high = map(int, re.fullmatch(r"(\d+) \((\d+)-(\d+)\)", row[1]).groups())
+        assert low <= age <= high
     chart = page.locator("img[src^='data:image/png'], .js-plotly-plot, canvas, svg").filter(visible=True)
-    assert page.get_by_text("Age distribution of each face").count() == 1 and chart.count() >= 1
+    assert page.get_by_text("Age distribution of each face", exact=True).count() >= 1 and chart.count() >= 1
     assert page.get_by_text("a gender under 90% confidence is a guess").is_visible()  # what the confidence is worth
     page.wait_for_timeout(500)
-    shot = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / "screenshot.png"
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+    save_screenshot(page, "screenshot.png", tmp_path)
 
 
 @pytest.mark.parametrize("position, name", list(enumerate(EXAMPLE_RESULTS)))
@@ -120,7 +116,7 @@ def test_each_example_click_shows_its_result(page, position, name):
         wait_for_rows(page, expected_rows)
     else:
         page.wait_for_timeout(500)
-        assert [r for r in table_rows(page) if any(r)] == []  # the whole-image reading is no face row
+        assert [r for r in table_rows(page) if any(r)] == []  # no face, no row, no reading
     assert page.locator("img[src*='image.jpeg']").count() >= 1  # the labelled photo is shown
     assert error_badges(page) == 0
 
@@ -146,16 +142,90 @@ def test_a_bad_file_leaves_the_page_clean(page, tmp_path):
     assert page.locator("img[src*='holiday']").count() == 0  # no broken image left in the input
 
 
-def test_a_phone_sees_every_column_and_readable_labels(browser, app_url, tmp_path):
+def save_screenshot(page, name: str, tmp_path: Path) -> Path:
+    """docs/NAME with UPDATE_SCREENSHOT=1 (what README shows), else a temporary file."""
+    shot = ROOT / "docs" / name if os.environ.get("UPDATE_SCREENSHOT") else tmp_path / name
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    return shot
+
+
+def headers_broken_mid_word(page) -> list[str]:
+    """Table headers narrower than their longest word (a word broken over two lines, "confiden/ce")."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#faces-table th')).filter(th => {
+        const text = th.innerText.trim();
+        if (!text) return false;
+        const canvas = document.createElement('canvas').getContext('2d');
+        const style = getComputedStyle(th.querySelector('span, div') || th);
+        canvas.font = style.fontWeight + ' ' + style.fontSize + ' ' + style.fontFamily;
+        const longest = Math.max(...text.split(/\\s+/).map(word => canvas.measureText(word).width));
+        return th.getBoundingClientRect().width + 1 < longest;
+    }).map(th => th.innerText)""")
+
+
+def in_view(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    viewport = page.viewport_size
+    return box is not None and box["y"] >= -1 and box["y"] < viewport["height"] * 0.6
+
+
+def test_a_laptop_sees_the_examples_in_its_first_screen(browser, app_url, tmp_path):
+    laptop = browser.new_page(viewport={"width": 1280, "height": 900})
+    laptop.goto(app_url, wait_until="load")
+    examples = laptop.locator("button.gallery-item")
+    examples.first.wait_for()
+    assert examples.count() == 4
+    for i in range(4):
+        box = examples.nth(i).bounding_box()
+        assert box["y"] + box["height"] <= 900, f"example {i} starts below the first screen"
+        assert examples.nth(i).get_attribute("aria-label").startswith("Example: ")  # an accessible name
+    examples.first.click()
+    laptop.get_by_text("Found 3 faces").wait_for(timeout=60_000)
+    wait_for_rows(laptop, 3)
+    assert in_view(laptop, "#results")
+    assert laptop.locator("#labelled-photo img").get_attribute("alt").startswith("The photo with a numbered box")
+    assert laptop.locator("#age-chart img").get_attribute("alt").startswith("Chart of the age distribution")
+    assert not laptop.locator("#age-chart [data-testid=block-label]").is_visible()  # no label over the plot
+    laptop.wait_for_timeout(500)
+    save_screenshot(laptop, "screenshot-laptop.png", tmp_path)
+    laptop.close()
+
+
+def test_a_phone_tapping_an_example_sees_its_result_with_whole_headers(browser, app_url, tmp_path):
     phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    errors: list[str] = []
+    phone.on("pageerror", lambda error: errors.append(str(error)))
     phone.goto(app_url, wait_until="load")
-    upload(phone, EXAMPLES / "three_portraits.jpg")
+    phone.locator("button.gallery-item").first.click()
     phone.get_by_text("Found 3 faces").wait_for(timeout=60_000)
     wait_for_rows(phone, 3)
+    phone.wait_for_timeout(1500)  # the smooth scroll
+    assert in_view(phone, "#results"), "the result is out of view after tapping an example"
+    assert headers_broken_mid_word(phone) == []
     header = phone.locator("th").filter(has_text="confidence").first.bounding_box()
-    assert header is not None and header["x"] + header["width"] <= 390 + 1
-    phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    assert header is not None and header["x"] + header["width"] <= 390 + 1  # every column fits the screen
+    photo = phone.locator("#labelled-photo img").bounding_box()
+    assert photo["width"] >= 300  # the labelled photo fills its box's width
+    chart = phone.locator("#age-chart img").bounding_box()
+    assert chart["width"] >= 300
+    assert errors == []
+    save_screenshot(phone, "screenshot-phone.png", tmp_path)
     phone.close()
+
+
+def test_removing_the_photo_clears_its_results(page):
+    upload(page, EXAMPLES / "obama.jpg")
+    page.get_by_text("Found 1 face").wait_for(timeout=60_000)
+    wait_for_rows(page, 1)
+    page.get_by_role("button", name="Remove Image").first.click()
+    for _ in range(40):
+        if not page.get_by_text("Found 1 face").count() and not [r for r in table_rows(page) if any(r)]:
+            break
+        page.wait_for_timeout(250)
+    assert page.get_by_text("Found 1 face").count() == 0
+    assert [r for r in table_rows(page) if any(r)] == []
+    assert page.locator("#labelled-photo img").count() == 0
 
 
 def test_webcam_stream_shows_a_label_and_its_frame_rate(page):

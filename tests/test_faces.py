@@ -27,7 +27,7 @@ def obama_box(analyzer) -> list[int]:
 
 def test_each_face_of_a_group_photo_is_found_in_reading_order(analyzer):
     result = analyzer.analyze(EXAMPLES / "three_portraits.jpg")
-    assert len(result.faces) == 3 and result.whole_image is None and result.size == (896, 400)
+    assert len(result.faces) == 3 and result.size == (896, 400)
     centres = [(f.box[0] + f.box[2]) / 2 for f in result.faces]
     assert centres[0] < 320 < centres[1] < 496 < centres[2]  # one face in each portrait, left to right
     for face in result.faces:
@@ -50,9 +50,11 @@ def test_known_faces_get_the_right_gender_and_a_plausible_age(analyzer):
     assert trio[1].age > trio[2].age  # Biden older than Collins
 
 
-def test_no_face_gives_the_whole_image_reading_apart_from_faces(analyzer):
+def test_no_face_gives_no_reading_unless_the_photo_is_a_face_crop(analyzer):
     result = analyzer.analyze(EXAMPLES / "chelsea_the_cat.jpg")
-    assert result.faces == [] and result.whole_image.box == [0, 0, 451, 300]
+    assert result.faces == [] and not hasattr(result, "whole_image")
+    (crop,) = analyzer.analyze(EXAMPLES / "chelsea_the_cat.jpg", assume_face_crop=True).faces
+    assert crop.box == [0, 0, 451, 300]
 
 
 def test_boxes_are_in_the_pixels_of_a_photo_larger_than_the_detector_sees(analyzer):
@@ -291,6 +293,6 @@ def test_a_threshold_per_call_drops_false_boxes_without_changing_the_default(ana
     default = analyzer.analyze(blurred_cat()).faces
     assert [f.box for f in default] == [f.box for f in loose if f.detection_score >= analyzer.detector.score_threshold]
     strict = analyzer.analyze(blurred_cat(), min_score=max(f.detection_score for f in loose) + 0.01)
-    assert strict.faces == [] and strict.whole_image is not None
+    assert strict.faces == []
     with pytest.raises(ValueError, match="min_score must lie in"):
         analyzer.analyze(blurred_cat(), min_score=0)

