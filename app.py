@@ -23,7 +23,9 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from gradio.components.image import ImageData
 from PIL import Image
+from pydantic import model_validator
 
 from faces import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, FaceTracker, PhotoResult, annotate, face_colour, face_label
 from faces.analysis import CONFIDENT_GENDER_SCORE, RUNTIMES
@@ -89,12 +91,43 @@ logger = logging.getLogger("age_gender_app")
 # project each time the app starts.
 
 
+class UploadedPhoto(ImageData):
+    """The photo input's payload, which keeps a bare string (a path or URL typed into an API call) apart instead
+    of failing validation: gradio answered that with "has not enabled verbose error reporting"; `photo_input`
+    then refuses it in words, without reading it."""
+
+    bare_string: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def keep_bare_strings_apart(cls, value):
+        return {"path": "", "bare_string": value} if isinstance(value, str) else value
+
+
+def user_mistake(message: str) -> gr.Error:
+    """The error a user's mistake gets: shown to them, and one line in the server log instead of a traceback
+    (tracebacks are kept for the app's own faults)."""
+    logger.warning("refused a request: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def uploaded_path(payload: UploadedPhoto | None) -> str | None:
+    """The uploaded file's path; a bare string is refused, never read."""
+    if payload is not None and payload.bare_string is not None:
+        raise user_mistake(
+            f"The photo must be sent as a file, not as the text {payload.bare_string[:80]!r}: with gradio_client, pass "
+            "handle_file(path_or_url). The server reads only files uploaded to it."
+        )
+    return None if payload is None else payload.path
+
+
 def photo_input(**kwargs) -> gr.Image:
     """A gr.Image input that hands over the uploaded file as it is, undecoded: `FaceAnalyzer` reads it (EXIF
     rotation, any mode, size limits) and says clearly what is wrong with a file that is not a readable image,
     so that the page can show the message and clear the input instead of a server error."""
     component = gr.Image(type="filepath", **kwargs)
-    component.preprocess = lambda payload: None if payload is None else payload.path
+    component.preprocess = uploaded_path
+    component.data_model = UploadedPhoto
     return component
 
 
@@ -202,7 +235,7 @@ def summary_message(result: PhotoResult, seconds: float) -> str:
 def checked_threshold(min_score: float | None) -> float | None:
     """The detection threshold a caller sent, refused in words outside `MIN_THRESHOLD`-`MAX_THRESHOLD`."""
     if min_score is not None and not MIN_THRESHOLD <= min_score <= MAX_THRESHOLD:
-        raise gr.Error(
+        raise user_mistake(
             f"The detection threshold {min_score:g} is outside {MIN_THRESHOLD}-{MAX_THRESHOLD}: below it boxes land on "
             "things that are not faces, above it real faces are missed. Send a value in that range."
         )
@@ -215,7 +248,7 @@ def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: 
     photo's pixels, age, interval, gender, confidence) and a message; bad input raises gr.Error, and is logged
     as one line (a traceback is kept for the app's own faults)."""
     if image_path is None:
-        raise gr.Error("Upload a photo first.")
+        raise user_mistake("Upload a photo first.")
     min_score = checked_threshold(min_score)
     started = time.perf_counter()
     name = Path(image_path).name
@@ -223,8 +256,7 @@ def predict_photo(analyzer: FaceAnalyzer, image_path: str | None, is_face_crop: 
         result = analyzer.analyze(image_path, assume_face_crop=is_face_crop, min_score=min_score)
     except InvalidImageError as error:
         reason = str(error).replace(repr(str(image_path)), repr(name)).replace(str(image_path), name)
-        logger.warning("refused an upload: %s", reason)
-        raise gr.Error(f"{name} cannot be used: {reason}. Upload a JPEG, PNG, WebP or similar photo.") from error
+        raise user_mistake(f"{name} cannot be used: {reason}. Upload a JPEG, PNG, WebP or similar photo.") from error
     except Exception as error:
         logger.exception("failed on an upload")
         raise gr.Error(f"Could not process {name} ({type(error).__name__}); this is a fault of the app, not of your photo.") from error

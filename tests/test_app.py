@@ -137,6 +137,19 @@ def test_bad_file_gets_a_clear_error_and_the_server_keeps_serving(client, bad_fi
     assert len(call_api(client, EXAMPLES / "obama.jpg")[3]["faces"]) == 1
 
 
+def test_user_mistakes_are_one_log_line_each_and_a_bare_path_is_refused_in_words(client, bad_files, capfd, caplog):
+    capfd.readouterr()
+    with pytest.raises(Exception, match="must be sent as a file, not as the text '/etc/hostname'.*handle_file"):
+        client.predict("/etc/hostname", False, api_name="/predict")
+    with pytest.raises(Exception, match="text_renamed.jpg cannot be used"):
+        call_api(client, bad_files["text_renamed.jpg"][0])
+    with pytest.raises(Exception, match="threshold 0.1 is outside"):
+        call_api(client, EXAMPLES / "obama.jpg", False, 0.1)
+    assert "Traceback" not in capfd.readouterr().err
+    refused = [r.getMessage() for r in caplog.records if r.name == "age_gender_app"]
+    assert len(refused) == 3 and all(m.startswith("refused a request: ") and "\n" not in m for m in refused)
+
+
 def test_oversized_upload_is_refused(client, tmp_path):
     big = tmp_path / "big.png"
     Image.effect_noise((2600, 2600), 100).convert("RGB").save(big)  # noise does not compress: about 20 MB
