@@ -103,6 +103,30 @@ def item_frames(item: Item, dataset, image_column: str, every: int) -> Iterator[
         yield None, item.path
 
 
+def is_video(item: Item) -> bool:
+    return item.path is not None and item.dataset_row is None and item.path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def pictures_in(item: Item, every: int) -> int:
+    """How many pictures an item gives: one, or a video's frames taken every `every`-th (from its header; 1 when
+    the header does not say or the file cannot be opened, which its row then reports)."""
+    if not is_video(item):
+        return 1
+    import av
+
+    try:
+        with av.open(str(item.path)) as container:
+            return max(1, -(-container.streams.video[0].frames // every))
+    except Exception:  # noqa: BLE001 (reported when the item is labelled)
+        return 1
+
+
+def progress_unit(items: list[Item]) -> str:
+    """What the progress bar counts: frames for videos, photos for photos, pictures for a mix."""
+    videos = sum(is_video(item) for item in items)
+    return "frame" if items and videos == len(items) else "photo" if videos == 0 else "picture"
+
+
 def failed_row(item: Item, frame: int | None, error: Exception) -> dict:
     return {"source": item.source, "frame": frame, "status": "failed", "error": f"{type(error).__name__}: {error}"}
 
@@ -253,6 +277,7 @@ def label_items(analyzer, items: list[Item], dataset, args, writer: PartWriter, 
                         found.append((item, frame, photo, analyzer.detect(photo)))
                     except Exception as error:  # noqa: BLE001 (any unreadable picture is reported, not fatal)
                         rows_of[item.order].append(failed_row(item, frame, error))
+                    progress.update(1)  # per picture: a video's frames move the bar as they are read
             except Exception as error:  # noqa: BLE001 (a video or dataset row that cannot be opened)
                 rows_of[item.order].append(failed_row(item, None, error))
         labelled = analyzer.label_detections([photo for _, _, photo, _ in found], [detections for *_, detections in found])
@@ -266,7 +291,6 @@ def label_items(analyzer, items: list[Item], dataset, args, writer: PartWriter, 
             # In frame order; a row for a video that failed part-way goes last.
             rows = sorted(rows_of[item.order], key=lambda row: float("inf") if row["frame"] is None else row["frame"])
             writer.write_item(item, rows or [failed_row(item, None, ValueError("the video has no frames"))])
-            progress.update(1)
     return images_done, faces_done
 
 
@@ -311,7 +335,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     started = time.perf_counter()
     with accelerator.split_between_processes(todo) as mine:
         writer = PartWriter(parts / f"part-{accelerator.process_index:03d}.jsonl")
-        progress = tqdm(total=len(todo), unit="photo", desc="labelling", disable=not accelerator.is_local_main_process, file=sys.stderr)
+        total = sum(pictures_in(item, args.every) for item in todo)
+        progress = tqdm(total=total, unit=progress_unit(todo), desc="labelling", disable=not accelerator.is_local_main_process, file=sys.stderr)
         try:
             images, faces = label_items(analyzer, list(mine), dataset, args, writer, ScaledProgress(progress, accelerator.num_processes))
         finally:

@@ -164,6 +164,17 @@ def test_a_killed_run_resumes_to_the_same_file(tmp_path):
     assert resumed.returncode == 0, output
     assert "already written" in output and not parts.exists()
     assert out.read_text() == whole.read_text()
+    again = run_batch([str(photos), "--out", str(out), "--resume"])  # on a finished run: nothing to do, said
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and "is complete: nothing to resume" in output and "labelling" not in output
+    assert out.read_text() == whole.read_text()
+
+
+def test_a_video_progress_bar_counts_frames(tmp_path, capfd):
+    video = write_video(tmp_path / "talk.mp4", EXAMPLES / "obama.jpg", frames=25)
+    batch_main([str(video), "--out", str(tmp_path / "talk.csv"), "--every", "5"])
+    progress = capfd.readouterr().err
+    assert "5/5" in progress and "frame/s" in progress and "photo/s" not in progress
 
 
 def test_two_processes_give_the_same_rows_as_one(collection, labelled, tmp_path):

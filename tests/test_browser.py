@@ -44,7 +44,7 @@ def write_y4m(photo: Path, path: Path, frames: int = 20, size: tuple[int, int] =
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     sync_api = pytest.importorskip("playwright.sync_api")
-    video = write_y4m(EXAMPLES / "obama.jpg", tmp_path_factory.mktemp("video") / "face.y4m")
+    video = write_y4m(EXAMPLES / "three_portraits.jpg", tmp_path_factory.mktemp("video") / "faces.y4m")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -241,6 +241,10 @@ def test_webcam_stream_shows_a_label_and_its_frame_rate(page):
             break
         page.wait_for_timeout(500)
     assert value.startswith("1: ") and re.search(r"\d+(\.\d)? frames/s", value), value
+    # The preview is mirrored and so are the frames sent (gradio draws them flipped): the faces are numbered as
+    # the user sees them, Eileen Collins, on the right of the photo, first on the left of the mirrored view.
+    labels_in_order = re.findall(r"(\d+): ([MF])", value)
+    assert [number for number, _ in labels_in_order] == ["1", "2", "3"] and labels_in_order[0][1] == "F", value
 
 
 def test_raising_the_detection_threshold_drops_a_false_face(page, tmp_path):
