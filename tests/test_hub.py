@@ -22,6 +22,14 @@ def test_upload_carries_model_card_and_one_copy_of_the_code(model_folder):
     assert {"configuration_age_gender.py", "modeling_age_gender.py", "image_processing_age_gender.py"} <= names
 
 
+def test_upload_carries_the_onnx_export_in_its_folder(model_folder):
+    (model_folder / "onnx").mkdir()
+    for name in ("model.onnx", "checks.json"):
+        (model_folder / "onnx" / name).write_bytes(b"{}")
+    names = {op.path_in_repo for op in upload_operations(model_folder)}
+    assert {"onnx/model.onnx", "onnx/checks.json"} <= names and "onnx/model_int8.onnx" not in names  # only what exists
+
+
 def test_push_offline_fails_clearly_and_keeps_the_folder(model_folder, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(HubUnavailableError, match="offline.*saved in"):

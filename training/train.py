@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--lfw_gender", default=None, help="lfw-gender folder: real faces with gender, trained on beside UTKFace (split by person).")
     data.add_argument(
+        "--real_faces_repeat", type=int, default=1,
+        help="Show each real training face this many times an epoch: their share of the training faces (about a third at 1).",
+    )
+    data.add_argument(
         "--gender_class_weights", choices=["balanced", "none"], default="balanced",
         help="Weigh each gender's faces by the inverse of its share of the training faces whose gender is known (real faces are two thirds male).",
     )
@@ -147,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_threads must be positive")
     if not 0 <= args.cut_off_probability <= 1:
         parser.error("--cut_off_probability must lie between 0 and 1")
+    if args.real_faces_repeat < 1:
+        parser.error("--real_faces_repeat must be at least 1")
     if args.gender_teacher and not args.distill_from:
         parser.error("--gender_teacher joins the teachers of --distill_from: give those too (for instance --distill_from model)")
     if args.descriptor_weight > 0 and (args.wider_faces or args.lfw_gender):
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
                 real_splits = load_real_faces(args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process)
             except (FileNotFoundError, ValueError) as error:
                 raise SystemExit(f"error: {error}") from error
-            sources.append(subset(real_splits["train"], args.max_train_samples))
+            sources += [subset(real_splits["train"], args.max_train_samples)] * args.real_faces_repeat
         train_set = TensorDataset(*concatenated([labelled_tensors(faces, processor, args.cache_dir) for faces in sources]))
         if args.distill_from:  # the teachers' distributions ride along with each training face
             targets = concatenated([teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device) for faces in sources])
