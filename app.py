@@ -344,7 +344,7 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
             )
             message = gr.Markdown(render=False)
             table = gr.Dataframe(
-                label=f"One row per face, numbered as on the photo. On real photos a gender under {CONFIDENT_GENDER_SCORE:.0%} confidence is a guess, marked ? on the photo (README: Results)",
+                label=f"One row per face, numbered as on the photo. On real photos a gender under {CONFIDENT_GENDER_SCORE:.0%} confidence is a guess, marked ? on the photo (model card)",
                 headers=TABLE_COLUMNS, interactive=False, wrap=True, elem_id="faces-table", render=False,
             )
             chart = gr.Plot(label="Age distribution of each face", show_label=False, format="png", elem_id="age-chart", render=False)

@@ -26,6 +26,11 @@ def cpu_session(model: str | os.PathLike | bytes, threads: int = 1):
     return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def onnx_path(folder: str | os.PathLike, precision: str = "float32") -> Path:
     """Where a model folder keeps its ONNX export of that precision, as Hub repositories lay it out."""
     if precision not in ONNX_FILES:
@@ -40,12 +45,13 @@ class OnnxAgeGenderModel:
     Args:
         folder: a local model folder holding `onnx/model.onnx` (or `onnx/model_int8.onnx`) and config.json.
         precision: "float32" or "int8" (offered only where the export passed its checks).
-        threads: onnxruntime's intra-op threads; 1 was the fastest on the project's 2-core machine.
+        threads: onnxruntime's intra-op threads (default: every core this process may use). On the project's
+            2-core machine two threads gave 1.7-1.9x the faces/s of one (887 against 462 at batch 64).
     """
 
     dtype = torch.float32
 
-    def __init__(self, folder: str | os.PathLike, precision: str = "float32", threads: int = 1):
+    def __init__(self, folder: str | os.PathLike, precision: str = "float32", threads: int | None = None):
         path = onnx_path(folder, precision)
         if not path.is_file():
             raise FileNotFoundError(
@@ -53,7 +59,7 @@ class OnnxAgeGenderModel:
                 + (" (an int8 export that missed its accuracy checks is not written)" if precision == "int8" else "")
             )
         self.config = AutoConfig.from_pretrained(folder)
-        self.session = cpu_session(path, threads)
+        self.session = cpu_session(path, threads or usable_cores())
         self.path = path
 
     def __call__(self, pixel_values: torch.Tensor, **kwargs) -> AgeGenderOutput:

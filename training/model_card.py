@@ -43,7 +43,7 @@ model = AutoModel.from_pretrained("PATH_OR_HUB_ID")
 processor = AutoImageProcessor.from_pretrained("PATH_OR_HUB_ID")
 face_crops = FaceAnalyzer("PATH_OR_HUB_ID").face_crops("group_photo.jpg")
 out = model(**processor(images=face_crops, return_tensors="pt"))
-out.age, out.age_std, out.gender_logits.softmax(-1)
+model.post_process_age_gender(out)  # ages with their intervals, genders with calibrated confidences
 ```
 
 Without the project's code, `AutoModel.from_pretrained(HUB_ID, trust_remote_code=True)` loads the code
@@ -87,14 +87,14 @@ from PIL import Image
 folder = "model"  # this model's folder, or a download of its Hub repository
 config = json.load(open(f"{folder}/config.json"))
 preprocessing = json.load(open(f"{folder}/preprocessor_config.json"))
-session = onnxruntime.InferenceSession(f"{folder}/onnx/model.onnx", providers=["CPUExecutionProvider"])
+onnx_model = onnxruntime.InferenceSession(f"{folder}/onnx/model.onnx", providers=["CPUExecutionProvider"])
 
 face = Image.open("face.jpg").convert("RGB")  # an aligned face crop, framed like UTKFace's
 side = min(face.size)
 left, top = (face.width - side) // 2, (face.height - side) // 2
 face = face.crop((left, top, left + side, top + side)).resize((config["image_size"],) * 2, Image.BILINEAR)
 pixels = (np.asarray(face, np.float32) / 255 - preprocessing["image_mean"]) / preprocessing["image_std"]
-age_logits, gender_logits = session.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})
+age_logits, gender_logits = onnx_model.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})
 
 ages = np.exp(age_logits[0] - age_logits[0].max())
 age = float(ages / ages.sum() @ np.arange(config["min_age"], config["max_age"] + 1))
