@@ -202,7 +202,7 @@ def age_chart(faces: list[FaceRecord], min_age: int) -> Figure | None:
     # legend under the plot stays readable when a phone shrinks it to 360 px (the legend at the side was 4 px).
     rows = (len(faces) + 1) // 2
     figure = Figure(figsize=(4.8, 2.9 + 0.3 * rows))
-    figure.subplots_adjust(left=0.15, right=0.97, top=0.97, bottom=0.17 + 0.085 * rows + 0.05)
+    figure.subplots_adjust(left=0.15, right=0.97, top=0.97, bottom=0.17 + 0.095 * rows + 0.05)
     axes = figure.add_subplot()
     for i, face in enumerate(faces):
         axes.plot(ages, face.age_distribution, color=face_colour(i), linewidth=2.5, label=face_label(i, face))
@@ -213,7 +213,7 @@ def age_chart(faces: list[FaceRecord], min_age: int) -> Figure | None:
     axes.set_ylabel("probability", fontsize=12)
     axes.tick_params(labelsize=11)
     axes.spines[["top", "right"]].set_visible(False)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False, fontsize=12, handlelength=1.2, columnspacing=1.0)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False, fontsize=14, handlelength=1.2, columnspacing=1.0)
     return figure
 
 
