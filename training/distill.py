@@ -32,10 +32,21 @@ def load_teacher(folder: str, config: AgeGenderConfig) -> tuple[AgeGenderModel, 
     return teacher, AgeGenderImageProcessor.from_pretrained(folder)
 
 
-def teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_targets(
+    folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device, gender_teacher: bytes | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Age `(N, num_ages)` and gender `(N, 2)` distributions of the teachers' flip-averaged ensemble for the
-    faces of a UTKFace `dataset`, each teacher reading them at its own input size. Minutes on a CPU, so cached,
-    keyed by the teachers' weights and the faces."""
+    faces of a `dataset` (UTKFace or real faces), each teacher reading them at its own input size; with
+    `gender_teacher` (dlib's classifier, `dlib_gender_onnx`), it joins the gender ensemble as one more member.
+    The model teachers take minutes on a CPU, so they are cached, keyed by their weights and the faces."""
+    age, gender = model_teacher_targets(folders, config, dataset, cache_dir, device)
+    if gender_teacher is not None:
+        gender = (gender * len(folders) + dlib_gender_distributions(gender_teacher, dataset, cache_dir)) / (len(folders) + 1)
+    return age, gender
+
+
+def model_teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained models' part of `teacher_targets`, cached."""
     digest = hashlib.sha1("|".join(dataset["sha1"]).encode())
     for folder in folders:
         weights = Path(folder) / "model.safetensors"

@@ -24,10 +24,11 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +190,6 @@ def load_source(source: str, root: str | Path, cache_dir: str | Path | None = No
     target = Path(cache_dir or default_cache_dir()) / "real-faces" / f"{source}-{hashlib.sha1(settings.encode()).hexdigest()[:16]}"
     report_file = target / "report.json"
     if report_file.is_file():
-        import json
-
         return load_from_disk(str(target / "dataset")), ScanReport(**json.loads(report_file.read_text()))
     report = ScanReport()
     rows = chip_rows(READERS[source](root), root, source, report)
@@ -204,9 +203,6 @@ def load_source(source: str, root: str | Path, cache_dir: str | Path | None = No
 def save_dataset_atomically(dataset: Dataset, report: ScanReport, target: Path) -> None:
     """Write the Dataset and its report to a folder of its own, then rename it into place: an interrupted build
     leaves no half cache, and of two processes building at once the first to finish publishes."""
-    import json
-    from dataclasses import asdict
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:

@@ -141,15 +141,6 @@ def interval_report(predictions: dict[str, np.ndarray], config: AgeGenderConfig)
     return {"age_interval_coverage": interval_coverage(predictions, config), "age_interval_by_predicted_age": coverage_by_predicted_age(predictions, config)}
 
 
-def real_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
-    """Gender accuracy on the wider-dev faces the app finds, or None without them."""
-    if faces is None:
-        return None
-    pixels, genders = faces
-    _, gender_probs = predict_distributions(model, processor, pixels)
-    return (gender_probs.argmax(-1) == genders).float().mean().item()
-
-
 def balanced_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float] | None:
     """Gender accuracy of real faces `(pixels, genders)`: for women, for men, their mean (balanced: real photos
     hold twice as many men, and the errors gather on women) and over all faces; None without faces."""

@@ -35,14 +35,13 @@ from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGende
 from training.augment import augment_batch
 from training.data import default_cache_dir, load_utkface, pixel_cache
 from training.descriptors import DESCRIPTOR_SIZE, DescriptorUnavailableError, descriptor_loss, face_descriptors
-from training.distill import distillation_loss, dlib_gender_distributions, dlib_gender_onnx, teacher_targets
+from training.distill import distillation_loss, dlib_gender_onnx, teacher_targets
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
 from training.real_faces import AGE_GROUP_RANGES, load_real_faces
 from training.scoring import (
-    balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, interval_report, load_metric, predict_loader,
-    real_gender_accuracy, score,
+    balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, interval_report, load_metric, predict_loader, score,
 )
 from training.wider_dev import real_face_pixels
 
@@ -322,22 +321,26 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = Path(args.cache_dir or default_cache_dir())
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
-        # The training faces: UTKFace's, then the real faces' when given; each part is cached on its own.
+        # The training faces: UTKFace's, then the real faces' when given (each part cached on its own), the latter
+        # repeated `--real_faces_repeat` times; every part's tensors are made once and then repeated.
         sources = [subset(splits["train"], args.max_train_samples)]
+        repeats = [1]
         real_splits = None
         if args.wider_faces or args.lfw_gender:
             try:
                 real_splits = load_real_faces(args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process)
             except (FileNotFoundError, ValueError) as error:
                 raise SystemExit(f"error: {error}") from error
-            sources += [subset(real_splits["train"], args.max_train_samples)] * args.real_faces_repeat
-        train_set = TensorDataset(*concatenated([labelled_tensors(faces, processor, args.cache_dir) for faces in sources]))
+            sources.append(subset(real_splits["train"], args.max_train_samples))
+            repeats.append(args.real_faces_repeat)
+
+        def repeated(parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+            return concatenated([part for part, times in zip(parts, repeats) for _ in range(times)])
+
+        train_set = TensorDataset(*repeated([labelled_tensors(faces, processor, args.cache_dir) for faces in sources]))
         if args.distill_from:  # the teachers' distributions ride along with each training face
-            targets = concatenated([teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device) for faces in sources])
-            if args.gender_teacher:
-                onnx = dlib_gender_onnx(args.gender_teacher)
-                dlib = torch.cat([dlib_gender_distributions(onnx, faces, cache_dir) for faces in sources])
-                targets[1] = (targets[1] * len(args.distill_from) + dlib) / (len(args.distill_from) + 1)
+            gender_teacher = dlib_gender_onnx(args.gender_teacher) if args.gender_teacher else None
+            targets = repeated([teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device, gender_teacher) for faces in sources])
             train_set = TensorDataset(*train_set.tensors, *targets)
         if args.descriptor_weight > 0:  # and so does dlib's descriptor of it
             try:
@@ -432,9 +435,9 @@ def evaluate_epoch(run: Run) -> dict:
     val_metrics = score(predict_loader(model, run.processor, run.val_loader, run.accelerator, run.args.flip_tta), run.metric)
     record = {f"val_{k}": v for k, v in val_metrics.items() if k != "count"}
     record["val_loss"] = validation_loss(model, run.processor, run.val_loader, run.accelerator)
-    real_accuracy = real_gender_accuracy(model, run.processor, run.real_faces)
-    if real_accuracy is not None:
-        record["test_wider_dev_gender_accuracy"] = real_accuracy  # shown, never chosen on: wider-dev is a test set
+    wider_dev = balanced_gender_accuracy(model, run.processor, run.real_faces)
+    if wider_dev is not None:
+        record["test_wider_dev_gender_accuracy"] = wider_dev["gender_accuracy"]  # shown, never chosen on: a test set
     real_validation = balanced_gender_accuracy(model, run.processor, run.real_validation)
     if real_validation is not None:
         record.update({f"val_real_{k}": v for k, v in real_validation.items()})
@@ -575,7 +578,7 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
         "train_size": train_size,
         "image_size": best.config.image_size,
         "flip_tta": args.flip_tta,
-        "real_photos_gender_accuracy": real_gender_accuracy(best, processor, run.real_faces),
+        "real_photos_gender_accuracy": (balanced_gender_accuracy(best, processor, run.real_faces) or {}).get("gender_accuracy"),
         "real_validation": balanced_gender_accuracy(best, processor, run.real_validation),
         "train_sources": ["UTKFace"] + [name for name, given in (("wider-faces", args.wider_faces), ("lfw-gender", args.lfw_gender)) if given],
         "gender_teacher": bool(args.gender_teacher),
