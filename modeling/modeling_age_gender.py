@@ -63,6 +63,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBnAct(in_channels, out_channels, stride, act=act)
         self.conv2 = ConvBnAct(out_channels, out_channels, act=None)
+        self.conv2[1].closes_residual_branch = True  # zero-initialised: see `AgeGenderPreTrainedModel._init_weights`
         needs_projection = stride != 1 or in_channels != out_channels
         self.shortcut = ConvBnAct(in_channels, out_channels, stride, kernel_size=1, act=None) if needs_projection else nn.Identity()
         self.act = ACT2FN[act]
@@ -208,12 +209,14 @@ class AgeGenderPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.01)
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
+            # The last norm of each residual branch starts at zero, so every block starts as its shortcut (Goyal
+            # et al., 2017): deep nets from scratch train faster and more stably. It is decided here, on the norm
+            # itself, because transformers initialises children before their parents and each weight only once.
+            if getattr(module, "closes_residual_branch", False):
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, BasicBlock):
-            # Zero-init the last norm of each residual branch so every block starts as the identity (Goyal et
-            # al., 2017): deep nets from scratch train faster and more stably.
-            nn.init.zeros_(module.conv2[1].weight)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -370,3 +370,19 @@ def test_pipeline_never_prompts_for_remote_code(saved_model, monkeypatch):
 
     monkeypatch.setattr("builtins.input", refuse_prompt)
     assert pipeline(PIPELINE_TASK, model=str(saved_model))(face_like(4))["gender"] in ("male", "female")
+
+
+def test_fresh_residual_blocks_start_as_their_shortcut():
+    """Each residual branch's last norm starts at zero (transformers initialises a weight only once, children
+    first, so this must be decided on the norm itself, not on its block)."""
+    from modeling.modeling_age_gender import BasicBlock
+
+    torch.manual_seed(0)
+    model = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32)).eval()
+    blocks = [module for module in model.modules() if isinstance(module, BasicBlock)]
+    assert blocks
+    for block in blocks:
+        hidden = torch.randn(2, block.conv1[0].in_channels, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(block(hidden), block.act(block.shortcut(hidden)))
+        assert torch.count_nonzero(block.conv1[1].weight) == block.conv1[1].weight.numel()  # other norms start at one
