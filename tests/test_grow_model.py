@@ -1,0 +1,87 @@
+"""Growing the shipped model into a wider or deeper one (training/grow_model.py), as `--init_from` starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, face_like, require_shipped_model
+from modeling import AgeGenderImageProcessor, AgeGenderModel
+from training.grow_model import grow_model
+
+
+@pytest.fixture(scope="module")
+def shipped() -> AgeGenderModel:
+    return AgeGenderModel.from_pretrained(require_shipped_model()).eval()
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    processor = AgeGenderImageProcessor.from_pretrained(require_shipped_model())
+    return processor([face_like(seed) for seed in range(8)], return_tensors="pt")["pixel_values"]
+
+
+def answers(model: AgeGenderModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.eval()(pixel_values=pixels)
+    return out.age_logits, out.gender_logits
+
+
+def test_widening_keeps_the_answers_exactly(shipped, faces):
+    wide = grow_model(shipped, hidden_sizes=[40, 80, 160, 320], embedding_size=40)
+    assert wide.config.hidden_sizes == [40, 80, 160, 320]
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in shipped.parameters())
+    for grown, original in zip(answers(wide, faces), answers(shipped, faces)):
+        torch.testing.assert_close(grown, original)
+
+
+def test_new_channels_can_learn(shipped, faces):
+    """Silent is not dead: a training step moves the new channels' norms away from zero."""
+    wide = grow_model(shipped, hidden_sizes=[40, 80, 160, 320], embedding_size=40).train()
+    output = wide(pixel_values=faces, age=torch.full((8,), 30.0), gender=torch.zeros(8, dtype=torch.long))
+    output.loss.backward()
+    norm = wide.backbone[0][1]
+    assert norm.weight.grad[32:].abs().sum() > 0
+
+
+def test_deepening_copies_every_block_and_appends_new_ones(shipped, faces):
+    deep = grow_model(shipped, depths=[2, 2, 3, 2])
+    assert deep.config.depths == [2, 2, 3, 2]
+    # the source's blocks keep their stage and place in it: stage 0's only block, then stage 1's two, ...
+    for old, new in {1: 1, 2: 3, 3: 4, 4: 5, 5: 6, 6: 8, 7: 9}.items():
+        for (name, a), (_, b) in zip(shipped.backbone[old].state_dict().items(), deep.backbone[new].state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)
+    for appended in (2, 7):  # their residual branch starts at zero
+        assert torch.count_nonzero(deep.backbone[appended].conv2[1].weight) == 0
+    age, gender = answers(deep, faces)
+    assert (gender.argmax(-1) == answers(shipped, faces)[1].argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"depths": [1, 1, 2, 2]}, "never remove"),
+        ({"hidden_sizes": [48, 96, 192, 384]}, "embedding_size 48"),
+        ({"depths": [1, 2, 2, 2, 1], "hidden_sizes": [32, 64, 128, 256, 256]}, "number of stages"),
+    ],
+)
+def test_refuses_what_cannot_keep_the_model(shipped, overrides, words):
+    with pytest.raises(ValueError, match=words):
+        grow_model(shipped, **overrides)
+
+
+def test_command_writes_a_model_folder_train_can_start_from(tmp_path, faces, shipped):
+    out = tmp_path / "grown"
+    done = subprocess.run(
+        [sys.executable, "-m", "training.grow_model", str(require_shipped_model()), str(out), "--hidden_sizes", "40", "80", "160", "320", "--embedding_size", "40"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert "grown model" in done.stdout and str(out) in done.stdout
+    reloaded = AgeGenderModel.from_pretrained(out)
+    assert AgeGenderImageProcessor.from_pretrained(out).image_size == shipped.config.image_size
+    torch.testing.assert_close(answers(reloaded, faces)[1], answers(shipped, faces)[1])
+    missing = subprocess.run([sys.executable, "-m", "training.grow_model", str(tmp_path / "nope"), str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr
