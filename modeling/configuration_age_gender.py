@@ -102,6 +102,12 @@ class AgeGenderConfig(PretrainedConfig):
         gender_temperature (`float`, *optional*, defaults to 1.0):
             The gender logits are divided by it before the softmax in `post_process_age_gender`: calibrated on
             real-photo validation faces, so that a confidence of 90% is right about 90% of the time there.
+        flip_average (`bool`, *optional*, defaults to `False`):
+            Outside training, read each face and its mirror image and average their logits (test-time
+            augmentation). It doubles the network's cost per face, which is small beside the face detector's per
+            photo, and measured on validation it lowered UTKFace's age error and raised real-face gender
+            accuracy (docs/experiments.md). Calibrations (`age_interval_scale`, `gender_temperature`) hold for
+            the setting they were made with.
     """
 
     model_type = "age_gender_cnn"
@@ -130,6 +136,7 @@ class AgeGenderConfig(PretrainedConfig):
         gender_class_weights: list[float] | None = None,
         age_range_loss_weight: float = 1.0,
         gender_temperature: float = 1.0,
+        flip_average: bool = False,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -171,6 +178,7 @@ class AgeGenderConfig(PretrainedConfig):
         self.gender_class_weights = None if gender_class_weights is None else [float(w) for w in gender_class_weights]
         self.age_range_loss_weight = age_range_loss_weight
         self.gender_temperature = float(gender_temperature)
+        self.flip_average = bool(flip_average)
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)

@@ -267,9 +267,15 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         summed over those faces and divided by the batch size, so that a face without a label adds nothing to
         that label's gradient and a batch of fully labelled faces gives the plain mean.
         """
+        mirrored = self.config.flip_average and not self.training
+        faces = pixel_values.shape[0]
+        if mirrored:  # each face beside its mirror image, averaged below
+            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         features = self.backbone(pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last))
         age_logits = self.age_head(features).float()
         gender_logits = self.gender_head(features).float()
+        if mirrored:
+            features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
 
         loss = None

@@ -386,3 +386,23 @@ def test_fresh_residual_blocks_start_as_their_shortcut():
         with torch.no_grad():
             torch.testing.assert_close(block(hidden), block.act(block.shortcut(hidden)))
         assert torch.count_nonzero(block.conv1[1].weight) == block.conv1[1].weight.numel()  # other norms start at one
+
+
+def test_flip_average_reads_each_face_beside_its_mirror_image():
+    torch.manual_seed(0)
+    config = AgeGenderConfig.from_preset("small", image_size=32)
+    model = AgeGenderModel(config).eval()
+    for parameter in model.parameters():  # away from the zero-initialised start, so the mirror image differs
+        parameter.data += 0.05 * torch.randn_like(parameter)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirrored = model(pixel_values=pixels), model(pixel_values=pixels.flip(-1))
+        model.config.flip_average = True
+        averaged = model(pixel_values=pixels)
+    assert not torch.allclose(plain.gender_logits, mirrored.gender_logits)
+    torch.testing.assert_close(averaged.age_logits, (plain.age_logits + mirrored.age_logits) / 2)
+    torch.testing.assert_close(averaged.gender_logits, (plain.gender_logits + mirrored.gender_logits) / 2)
+    assert averaged.age.shape == (3,) and averaged.pooler_output.shape[0] == 3
+    model.train()  # training sees each face once: augmentation flips faces already
+    assert model(pixel_values=pixels).age_logits.shape[0] == 3
+    assert AgeGenderConfig.from_dict(model.config.to_dict()).flip_average is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,21 @@ def test_evaluate_recalibrates_a_model_folders_interval(training_data, finished_
     assert metrics["test"]["age_interval_coverage"] == pytest.approx(report["age_interval_coverage"])
     assert "The age interval held" in (tmp_path / "report" / "report.md").read_text()
     assert sum(band["faces"] for band in report["age_interval_by_predicted_age"].values()) == report["overall"]["count"]
+
+
+def test_evaluate_with_flip_tta_calibrates_the_model_for_it(training_data, finished_run, tmp_path):
+    """`--flip_tta --calibrate` recalibrates the age interval with each face read beside its mirror image and
+    saves `flip_average` with it, so that the model folder serves what was calibrated."""
+    model = tmp_path / "model"
+    shutil.copytree(finished_run, model)
+    before = json.loads((model / "config.json").read_text())
+    assert before["flip_average"] is False
+    result = run_evaluate(model, training_data, tmp_path / "report", "--flip_tta", "--calibrate", "--real_photos", "", "--wider_faces", "", "--lfw_gender", "")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((model / "config.json").read_text())
+    assert after["flip_average"] is True and after["age_interval_scale"] != before["age_interval_scale"]
+    assert "flip_average True" in result.stdout
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["flip_average"] is True
 
 
 def test_shipped_model_holds_its_figures_on_the_real_test_split(tmp_path):

@@ -5,7 +5,9 @@ race, per gender and per age band, a gender confusion matrix, and charts.
 
 Writes report.json and report.md, predicted_vs_true_age.png and mae_by_age.png to --out. With
 --update_card, also writes the per-group figures into the model folder's card (README.md). With
---calibrate_interval, first recalibrates the model folder's age interval on the validation split (config.json).
+--calibrate, first recalibrates the model folder's age interval on the validation split and its gender
+confidence on the real faces' validation part (config.json); with --flip_tta the model then keeps averaging each
+face with its mirror image (`flip_average`), the setting its calibration was made with.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from training.model_card import write_model_card
 from training.plots import plot_age_errors
 from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES
 from training.scoring import (
-    balanced_gender_accuracy, calibrate_interval_scale, gender_figures, interval_report, load_metric, predict_distributions, predict_loader, score,
+    balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, gender_figures, interval_report, load_metric, predict_distributions, predict_loader, score,
 )
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
@@ -110,7 +112,7 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
 
     faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False)["validation"]
     pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
-    age_probs, gender_probs = predict_distributions(model, processor, pixels, args.flip_tta)
+    age_probs, gender_probs = predict_distributions(model, processor, pixels)
     ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
     columns = faces.select_columns(["gender", "age_group", "source", "skin", "face_height", "blur", "occlusion", "pose"]).to_pandas()
     genders = torch.tensor(columns["gender"].to_numpy())
@@ -152,19 +154,38 @@ def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
     )
 
 
-def recalibrate_interval(model, processor, validation, args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Set the model folder's age interval scales (one per band of predicted age) from the validation split, as
-    training does at its end, and save them in its config.json: for a model trained before the calibration
-    changed. `main` then records the test split's coverage in its metrics.json."""
+def recalibrate(model, processor, validation, args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Set the model folder's age interval scales (one per band of predicted age) from UTKFace's validation split
+    and, given real faces, its gender temperature from their validation part, as training does at its end, and
+    save them with the `flip_average` they were made with in its config.json: for a model trained before a
+    calibration changed, or now read with its mirror image. `main` then records the test split's interval
+    coverage in its metrics.json."""
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: --calibrate_interval needs a local model folder; {args.model} has no config.json")
+        raise SystemExit(f"error: --calibrate needs a local model folder; {args.model} has no config.json")
     loader = accelerator.prepare(face_loader(validation, processor, args))
-    model.config.age_interval_scale = calibrate_interval_scale(predict_loader(model, processor, loader, accelerator, args.flip_tta), model.config)
-    interval = {"age_interval_scale": model.config.age_interval_scale, "age_interval_bands": model.config.age_interval_bands}
-    update_json(model_dir / "config.json", lambda config: config.update(interval))
+    model.config.age_interval_scale = calibrate_interval_scale(predict_loader(model, processor, loader, accelerator), model.config)
+    calibrated = {
+        "age_interval_scale": model.config.age_interval_scale, "age_interval_bands": model.config.age_interval_bands,
+        "flip_average": model.config.flip_average,
+    }
     scales = ", ".join(f"{scale:.3f}" for scale in model.config.age_interval_scale)
-    print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands}) saved to {model_dir / 'config.json'}")
+    print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands})")
+    if args.wider_faces or args.lfw_gender:
+        model.config.gender_temperature = calibrate_gender_temperature(model, processor, real_validation_faces(processor, args))
+        calibrated["gender_temperature"] = model.config.gender_temperature
+        print(f"gender temperature {model.config.gender_temperature} (real faces' validation part)")
+    update_json(model_dir / "config.json", lambda config: config.update(calibrated))
+    print(f"saved to {model_dir / 'config.json'} (flip_average {model.config.flip_average})")
+
+
+def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and genders of the real faces' validation part whose gender is known."""
+    from training.real_faces import load_real_faces
+
+    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False)["validation"]
+    faces = faces.filter(lambda gender: gender >= 0, input_columns="gender")
+    return torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir))), torch.tensor(faces["gender"])
 
 
 def record_test_interval(model, processor, splits, predictions: dict[str, np.ndarray], args: argparse.Namespace, accelerator: Accelerator) -> None:
@@ -174,7 +195,7 @@ def record_test_interval(model, processor, splits, predictions: dict[str, np.nda
     if not metrics_file.is_file():
         return
     if args.split != "test":
-        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator, args.flip_tta)
+        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator)
     update_json(metrics_file, lambda metrics: metrics["test"].update(interval_report(predictions, model.config)))
 
 
@@ -194,7 +215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--split_ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1])
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--flip_tta", action="store_true", help="Average with the mirror image.")
+    parser.add_argument(
+        "--flip_tta", action="store_true",
+        help="Average each face with its mirror image (the model's flip_average; saved in its config with --calibrate).",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Weights and activations; bfloat16 is how faces.py runs on CPUs with native bf16.")
     parser.add_argument(
         "--real_photos", default=str(DEFAULT_WIDER_DEV) if DEFAULT_WIDER_DEV.is_dir() else "",
@@ -204,8 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lfw_gender", default=str(DEFAULT_LFW_GENDER) if DEFAULT_LFW_GENDER.is_dir() else "", help="lfw-gender folder: report on its validation part ('' to skip).")
     parser.add_argument("--update_card", action="store_true", help="Write the per-group figures into the model's README.md.")
     parser.add_argument(
-        "--calibrate_interval", action="store_true",
-        help="Recalibrate the model folder's age interval on the validation split and save its config.json first.",
+        "--calibrate", action="store_true",
+        help="First recalibrate the model folder's age interval (validation split) and gender temperature (real faces' validation part) and save them in its config.json.",
     )
     return parser.parse_args(argv)
 
@@ -216,20 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     model = AutoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(accelerator.device).eval()
+    model.config.flip_average = model.config.flip_average or args.flip_tta
     processor = AutoImageProcessor.from_pretrained(args.model)
     splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios))
     from datasets import concatenate_datasets
 
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
     loader = face_loader(dataset, processor, args)
-    if args.calibrate_interval:
-        recalibrate_interval(model, processor, splits["validation"], args, accelerator)
-    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, args.flip_tta)
-    if args.calibrate_interval:
+    if args.calibrate:
+        recalibrate(model, processor, splits["validation"], args, accelerator)
+    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator)
+    if args.calibrate:
         record_test_interval(model, processor, splits, predictions, args, accelerator)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
     report.update(interval_report(predictions, model.config), age_interval_aim=model.config.age_interval_coverage)
-    report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_tta": args.flip_tta, "dtype": args.dtype})
+    report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_average": model.config.flip_average, "dtype": args.dtype})
     if args.real_photos:
         real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
         faces = (torch.from_numpy(real_pixels), torch.from_numpy(real_genders))

@@ -34,9 +34,9 @@ def face_distributions(model, processor, pixels: torch.Tensor, flip_tta: bool = 
     return age_probs, gender_probs
 
 
-def predict_batch(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+def predict_batch(model, processor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Age, age spread and gender probabilities for uint8 `(N, H, W, 3)` faces (see `face_distributions`)."""
-    return summarize_predictions(*face_distributions(model, processor, pixels, flip_tta), model.config)
+    return summarize_predictions(*face_distributions(model, processor, pixels), model.config)
 
 
 def predict_distributions(model, processor, faces: torch.Tensor, flip_tta: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,12 +46,12 @@ def predict_distributions(model, processor, faces: torch.Tensor, flip_tta: bool 
     return torch.cat([age.cpu() for age, _ in parts]), torch.cat([gender.cpu() for _, gender in parts])
 
 
-def predict_loader(model, processor, loader: DataLoader, accelerator, flip_tta: bool = False) -> dict[str, np.ndarray]:
+def predict_loader(model, processor, loader: DataLoader, accelerator) -> dict[str, np.ndarray]:
     """Predictions and labels for every item of a (prepared) loader, gathered across processes."""
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
     for pixels, age, gender in tqdm(loader, desc="Predicting", leave=False, disable=not accelerator.is_local_main_process):
-        prediction = predict_batch(model, processor, pixels, flip_tta)
+        prediction = predict_batch(model, processor, pixels)
         batch = {
             "age_pred": prediction["age"],
             "age_std": prediction["age_std"],

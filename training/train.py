@@ -136,7 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wider-dev folder: gender accuracy on the faces the app finds in its photos is reported each evaluation, "
         "never chosen on (wider-dev is a test set; --wider_faces and --lfw_gender have validation parts for that).",
     )
-    run.add_argument("--flip_tta", action="store_true", help="Average predictions with the mirror image when evaluating.")
+    run.add_argument(
+        "--flip_tta", action="store_true",
+        help="The model averages each face with its mirror image outside training (config flip_average): in every evaluation and in the saved model.",
+    )
     run.add_argument("--report_to", default=None, help="Tracker for accelerate (tensorboard, wandb, ...).")
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub, e.g. user/age-gender-cnn.")
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
     model.config.gender_class_weights = balanced_class_weights(train_set.tensors[2]) if args.gender_class_weights == "balanced" else None
+    model.config.flip_average = model.config.flip_average or args.flip_tta
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
     # The descriptor is predicted from the pooled features by a projection that is trained, then dropped.
     projection = torch.nn.Linear(model.backbone.out_features, DESCRIPTOR_SIZE) if args.descriptor_weight > 0 else None
@@ -432,7 +436,7 @@ def evaluate_epoch(run: Run) -> dict:
     """Validation figures of the current weights; the best so far by `validation_score` (or, with `--keep
     last`, every evaluated epoch's) are saved."""
     model = run.eval_model()
-    val_metrics = score(predict_loader(model, run.processor, run.val_loader, run.accelerator, run.args.flip_tta), run.metric)
+    val_metrics = score(predict_loader(model, run.processor, run.val_loader, run.accelerator), run.metric)
     record = {f"val_{k}": v for k, v in val_metrics.items() if k != "count"}
     record["val_loss"] = validation_loss(model, run.processor, run.val_loader, run.accelerator)
     wider_dev = balanced_gender_accuracy(model, run.processor, run.real_faces)
@@ -564,11 +568,11 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
     val_loader, test_loader, metric = run.val_loader, run.test_loader, run.metric
     accelerator.wait_for_everyone()
     best = AgeGenderModel.from_pretrained(output_dir / "best").to(accelerator.device)
-    val_predictions = predict_loader(best, processor, val_loader, accelerator, args.flip_tta)
+    val_predictions = predict_loader(best, processor, val_loader, accelerator)
     best.config.age_interval_scale = calibrate_interval_scale(val_predictions, best.config)
     if run.real_validation is not None:  # gender confidence that means on real photos what it says
         best.config.gender_temperature = calibrate_gender_temperature(best, processor, run.real_validation)
-    test_predictions = predict_loader(best, processor, test_loader, accelerator, args.flip_tta)
+    test_predictions = predict_loader(best, processor, test_loader, accelerator)
     test_metrics = score(test_predictions, metric)
     test_metrics.update(interval_report(test_predictions, best.config))
     results = {
@@ -577,7 +581,7 @@ def finish(run: Run, parameters: int, train_size: int) -> dict:
         "parameters": parameters,
         "train_size": train_size,
         "image_size": best.config.image_size,
-        "flip_tta": args.flip_tta,
+        "flip_average": best.config.flip_average,
         "real_photos_gender_accuracy": (balanced_gender_accuracy(best, processor, run.real_faces) or {}).get("gender_accuracy"),
         "real_validation": balanced_gender_accuracy(best, processor, run.real_validation),
         "train_sources": ["UTKFace"] + [name for name, given in (("wider-faces", args.wider_faces), ("lfw-gender", args.lfw_gender)) if given],
