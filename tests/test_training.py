@@ -208,7 +208,12 @@ def test_evaluate_with_flip_tta_calibrates_the_model_for_it(training_data, finis
     after = json.loads((model / "config.json").read_text())
     assert after["flip_average"] is True and after["age_interval_scale"] != before["age_interval_scale"]
     assert "flip_average True" in result.stdout
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["flip_average"] is True
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["flip_average"] is True
+    metrics = json.loads((model / "metrics.json").read_text())  # what the model card is made from
+    assert metrics["flip_average"] is True and "flip_tta" not in metrics
+    assert metrics["test"]["count"] + metrics["validation"]["count"] < report["overall"]["count"]  # --split all
+    assert metrics["test"]["age_mae"] != json.loads((finished_run / "metrics.json").read_text())["test"]["age_mae"]  # read with the mirror image
 
 
 def test_shipped_model_holds_its_figures_on_the_real_test_split(tmp_path):

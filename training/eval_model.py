@@ -154,17 +154,19 @@ def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:
     )
 
 
-def recalibrate(model, processor, validation, args: argparse.Namespace, accelerator: Accelerator) -> None:
+def recalibrate(model, processor, validation, args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """Set the model folder's age interval scales (one per band of predicted age) from UTKFace's validation split
     and, given real faces, its gender temperature from their validation part, as training does at its end, and
     save them with the `flip_average` they were made with in its config.json: for a model trained before a
-    calibration changed, or now read with its mirror image. `main` then records the test split's interval
-    coverage in its metrics.json."""
+    calibration changed, or now read with its mirror image. Returns the validation figures with the new setting,
+    which `record_calibrated_figures` writes into metrics.json with the test split's."""
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: --calibrate needs a local model folder; {args.model} has no config.json")
     loader = accelerator.prepare(face_loader(validation, processor, args))
-    model.config.age_interval_scale = calibrate_interval_scale(predict_loader(model, processor, loader, accelerator), model.config)
+    val_predictions = predict_loader(model, processor, loader, accelerator)
+    model.config.age_interval_scale = calibrate_interval_scale(val_predictions, model.config)
+    figures = {"validation": score(val_predictions, load_metric())}
     calibrated = {
         "age_interval_scale": model.config.age_interval_scale, "age_interval_bands": model.config.age_interval_bands,
         "flip_average": model.config.flip_average,
@@ -172,11 +174,14 @@ def recalibrate(model, processor, validation, args: argparse.Namespace, accelera
     scales = ", ".join(f"{scale:.3f}" for scale in model.config.age_interval_scale)
     print(f"age interval scales {scales} (predicted ages split at {model.config.age_interval_bands})")
     if args.wider_faces or args.lfw_gender:
-        model.config.gender_temperature = calibrate_gender_temperature(model, processor, real_validation_faces(processor, args))
+        real_faces = real_validation_faces(processor, args)
+        model.config.gender_temperature = calibrate_gender_temperature(model, processor, real_faces)
         calibrated["gender_temperature"] = model.config.gender_temperature
+        figures["real_validation"] = balanced_gender_accuracy(model, processor, real_faces)
         print(f"gender temperature {model.config.gender_temperature} (real faces' validation part)")
     update_json(model_dir / "config.json", lambda config: config.update(calibrated))
     print(f"saved to {model_dir / 'config.json'} (flip_average {model.config.flip_average})")
+    return {**figures, **calibrated}
 
 
 def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,15 +193,24 @@ def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Te
     return torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir))), torch.tensor(faces["gender"])
 
 
-def record_test_interval(model, processor, splits, predictions: dict[str, np.ndarray], args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Write the recalibrated interval's test coverage into the model folder's metrics.json, from the
-    evaluation's own predictions when it evaluated the test split."""
+def record_calibrated_figures(
+    model, processor, splits, predictions: dict[str, np.ndarray], calibrated: dict, args: argparse.Namespace, accelerator: Accelerator
+) -> None:
+    """Write the recalibrated model's figures into its folder's metrics.json, which its model card is made from:
+    validation and real validation (from `recalibrate`), the test split's (from the evaluation's own
+    predictions when it evaluated the test split), the calibration and `flip_average`."""
     metrics_file = Path(args.model) / "metrics.json"
     if not metrics_file.is_file():
         return
     if args.split != "test":
         predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator)
-    update_json(metrics_file, lambda metrics: metrics["test"].update(interval_report(predictions, model.config)))
+    test = {**score(predictions, load_metric()), **interval_report(predictions, model.config)}
+
+    def change(metrics: dict) -> None:
+        metrics.update({key: value for key, value in calibrated.items() if key not in ("age_interval_scale", "age_interval_bands")}, test=test)
+        metrics.pop("flip_tta", None)  # the name `flip_average` had before it was a setting of the model
+
+    update_json(metrics_file, change)
 
 
 def update_json(path: Path, change) -> None:
@@ -247,11 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
     loader = face_loader(dataset, processor, args)
-    if args.calibrate:
-        recalibrate(model, processor, splits["validation"], args, accelerator)
+    calibrated = recalibrate(model, processor, splits["validation"], args, accelerator) if args.calibrate else None
     predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator)
-    if args.calibrate:
-        record_test_interval(model, processor, splits, predictions, args, accelerator)
+    if calibrated:
+        record_calibrated_figures(model, processor, splits, predictions, calibrated, args, accelerator)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
     report.update(interval_report(predictions, model.config), age_interval_aim=model.config.age_interval_coverage)
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_average": model.config.flip_average, "dtype": args.dtype})
