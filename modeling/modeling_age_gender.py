@@ -217,6 +217,11 @@ class AgeGenderPreTrainedModel(PreTrainedModel):
             else:
                 nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+            # A norm missing from a checkpoint is made on the meta device, its statistics left as whatever memory
+            # held (a variance of 0 gave NaN answers in evaluation): they start as batch norm's own defaults.
+            nn.init.zeros_(module.running_mean)
+            nn.init.ones_(module.running_var)
+            nn.init.zeros_(module.num_batches_tracked)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -406,3 +406,18 @@ def test_flip_average_reads_each_face_beside_its_mirror_image():
     model.train()  # training sees each face once: augmentation flips faces already
     assert model(pixel_values=pixels).age_logits.shape[0] == 3
     assert AgeGenderConfig.from_dict(model.config.to_dict()).flip_average is True
+
+
+def test_a_norm_missing_from_the_checkpoint_starts_with_batch_norms_defaults(tmp_path):
+    """A checkpoint of the 64 px network loaded as the 96 px variant (`downsample_in_first_stage`) lacks the
+    first block's new shortcut: its norm's statistics must be 0 and 1, not leftover memory (NaN answers)."""
+    torch.manual_seed(0)
+    AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "downsample_in_first_stage": True}))
+    model = AgeGenderModel.from_pretrained(tmp_path).eval()
+    norm = model.backbone[1].shortcut[1]
+    assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+    assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=torch.randn(2, 3, 32, 32)).age_logits).all()

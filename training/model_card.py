@@ -23,6 +23,7 @@ under Training below).
   and the interval is calibrated on the validation split to hold {{ coverage }} of true ages.
 - Gender: two classes, `male` and `female`, as labelled in the training data; the confidence is calibrated
   (temperature {{ gender_temperature }}) on real-photo faces where the training used them.
+- {{ flip_note }}
 
 ## Results on the held-out test split
 
@@ -183,6 +184,11 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
             ("--descriptor_weight", "dlib's face descriptor of each training face was an auxiliary target during training only (`training/descriptors.py`); the network is the same."),
         ) if flag in command or results.get(flag)
     )
+    if config.get("flip_average") and "--flip_tta" not in command:
+        lineage += (
+            "\nAfter training it was set to read each face beside its mirror image and recalibrated for that on the "
+            "validation parts (`python training/eval_model.py --model DIR --data UTKFace.tar.gz --split test --flip_tta --calibrate`)."
+        )
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -199,6 +205,11 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         f"UTKFace's {results['validation']['count']} validation and {test['count']} test images after the duplicate policy of "
         "`training/data.py` (splits by a hash of each file's bytes; real faces split by photo and by person).",
         gender_temperature=config.get("gender_temperature", 1.0),
+        flip_note=(
+            "Each face is read beside its mirror image and the two readings averaged (`flip_average`), at twice the "
+            "network's cost; the figures below and the calibrations are made that way."
+            if config.get("flip_average") else "Each face is read once (`flip_average` off)."
+        ),
         onnx_snippet=ONNX_SNIPPET,
         command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
         lineage=lineage,
