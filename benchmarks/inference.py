@@ -5,7 +5,7 @@ replica, single-face latency, whole photos end to end on each runtime, and peak 
     python benchmarks/inference.py [--model model] [--seed_model runs/seed]
 
 The seed replica's speed does not depend on its weights: without --seed_model an untrained one is timed.
-It runs in float32, as the issue's reference figure does; the shipped model is timed in float32 and, where
+It runs in float32, as the seed notebook's reference figure does; the shipped model is timed in float32 and, where
 the CPU computes bfloat16 natively, in bfloat16, as faces.py and the app run it by default.
 """
 

@@ -75,8 +75,12 @@ class OnnxAgeGenderModel:
         )
 
     def parameters(self):
-        """The graph's weights, as torch modules list theirs (for counts in logs)."""
+        """The graph's weights, as torch modules list theirs (for counts in logs): float or int8, without the
+        quantisation's own scales and zero points."""
         import onnx
 
         graph = onnx.load(str(self.path), load_external_data=False).graph
-        return [torch.empty(tuple(t.dims)) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        return [
+            torch.empty(tuple(t.dims)) for t in graph.initializer if t.data_type in kinds and not t.name.endswith(("_scale", "_zero_point"))
+        ]
