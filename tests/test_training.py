@@ -178,13 +178,11 @@ def test_interval_calibration_holds_in_every_band_of_predicted_age_and_counts_th
 
 
 def test_evaluate_recalibrates_a_model_folders_interval(training_data, finished_run, tmp_path):
-    import shutil
-
     model_dir = tmp_path / "model"
     shutil.copytree(finished_run, model_dir, ignore=shutil.ignore_patterns("checkpoints", "best"))
     before = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**before, "age_interval_scale": 9.0}))  # far too wide
-    result = run_evaluate(model_dir, training_data, tmp_path / "report", "--calibrate_interval", "--split", "test", "--real_photos", "")
+    result = run_evaluate(model_dir, training_data, tmp_path / "report", "--calibrate", "--split", "test", "--real_photos", "", "--wider_faces", "", "--lfw_gender", "")
     assert result.returncode == 0, result.stderr[-3000:]
     after = json.loads((model_dir / "config.json").read_text())
     assert after["age_interval_scale"] == pytest.approx(before["age_interval_scale"], rel=1e-4)  # what training found
