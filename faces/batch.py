@@ -254,9 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def share_cores(num_processes: int, device: torch.device) -> None:
     """`accelerate launch` sets OMP_NUM_THREADS=1; on the CPU each process takes an equal share of the cores."""
+    from faces.onnx_model import usable_cores
+
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // num_processes))
+        torch.set_num_threads(max(1, usable_cores() // num_processes))
 
 
 def label_items(analyzer, items: list[Item], dataset, args, writer: PartWriter, progress) -> tuple[int, int]:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from faces.onnx_model import usable_cores
+
 DESCRIPTOR_SIZE = 128
 DLIB_CHIP_SIZE = 150  # the input of dlib's recognition network, cut with its own padding of 0.25
 # UTKFace's crops are dlib face chips with padding 0.2: the face rectangle that dlib's 5-point model expects
@@ -85,7 +87,7 @@ def face_descriptors(dataset, cache_dir: str | os.PathLike, workers: int | None 
         return torch.from_numpy(np.load(cache_file))
     dlib_models()  # loaded once here, before the workers fork, so a missing dependency stops the run at once
     images = dataset.cast_column("image", Image(decode=False))["image"]
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             descriptors = list(pool.map(_descriptor_of_file, images, chunksize=64))

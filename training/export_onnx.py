@@ -136,26 +136,29 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
     from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, load_real_faces
     from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
-    def normalised(dataset) -> np.ndarray:
-        pixels = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir))).permute(0, 3, 1, 2)
-        return processor.normalize_batch(pixels).numpy()
+    def normalised(pixels: np.ndarray) -> np.ndarray:
+        """uint8 `(N, H, W, 3)` faces as the model's input."""
+        return processor.normalize_batch(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+
+    def cached(dataset) -> np.ndarray:
+        return np.array(pixel_cache(dataset, processor, cache_dir))
 
     def first(dataset):
         return dataset if max_faces is None else dataset.shuffle(seed=0).select(range(min(max_faces, len(dataset))))
 
     splits = load_utkface(data, cache_dir, verbose=False)
     faces = {
-        "utkface_validation": (normalised(first(splits["validation"])), None),
-        "utkface_test": (normalised(first(splits["test"])), np.asarray(first(splits["test"])["age"], dtype=float)),
+        "utkface_validation": (normalised(cached(first(splits["validation"]))), None),
+        "utkface_test": (normalised(cached(first(splits["test"]))), np.asarray(first(splits["test"])["age"], dtype=float)),
     }
     if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
         real = load_real_faces(cache_dir=cache_dir, verbose=False)
-        faces["real_faces_train"] = (normalised(first(real["train"].shuffle(seed=0).select(range(CALIBRATION_FACES)))), None)
-        faces["real_faces_validation"] = (normalised(first(real["validation"])), None)
+        faces["real_faces_train"] = (normalised(cached(first(real["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))), None)
+        faces["real_faces_validation"] = (normalised(cached(first(real["validation"]))), None)
     if DEFAULT_WIDER_DEV.is_dir():  # the faces the app finds in wider-dev's real photos: checked, never calibrated on
         pixels, _ = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache_dir)
         pixels = pixels if max_faces is None else pixels[:max_faces]
-        faces["wider_dev_found_faces"] = (processor.normalize_batch(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy(), None)
+        faces["wider_dev_found_faces"] = (normalised(pixels), None)
     return faces
 
 

@@ -13,8 +13,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 OPTIONAL_FILES = ("README.md", "metrics.json", "training_curves.png")
-# The ONNX export (`python -m training.export_onnx`) travels in its own folder, as Hub repositories lay it out.
-ONNX_FILES = ("onnx/model.onnx", "onnx/model_int8.onnx", "onnx/checks.json")
+# The ONNX export (`python -m training.export_onnx`) travels as it is, in its own folder, as Hub repositories lay it out.
+ONNX_FOLDER = "onnx"
 # `auto_map` in config.json names these modules: the Hub copy carries them so that
 # `AutoModel.from_pretrained(repo, trust_remote_code=True)` works with only transformers installed.
 CODE_FILES = ("configuration_age_gender.py", "modeling_age_gender.py", "image_processing_age_gender.py")
@@ -30,7 +30,8 @@ def upload_operations(folder: Path) -> list[CommitOperationAdd]:
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved model: missing {', '.join(missing)}")
-    files = {name: folder / name for name in REQUIRED_FILES + OPTIONAL_FILES + ONNX_FILES if (folder / name).is_file()}
+    files = {name: folder / name for name in REQUIRED_FILES + OPTIONAL_FILES if (folder / name).is_file()}
+    files.update({f"{ONNX_FOLDER}/{path.name}": path for path in sorted((folder / ONNX_FOLDER).glob("*")) if path.is_file()})
     files.update({name: MODELING_DIR / name for name in CODE_FILES})
     return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
 

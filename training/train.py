@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from faces.onnx_model import usable_cores
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.augment import augment_batch
 from training.data import default_cache_dir, load_utkface, pixel_cache
@@ -296,8 +296,7 @@ def use_the_cores(accelerator: Accelerator, num_threads: int | None) -> int:
     if num_threads:
         torch.set_num_threads(num_threads)
     elif accelerator.device.type == "cpu" and accelerator.num_processes == 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(cores or 1)
+        torch.set_num_threads(usable_cores())
     return torch.get_num_threads()
 
 
