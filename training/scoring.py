@@ -25,9 +25,10 @@ def load_metric() -> evaluate.EvaluationModule:
 @torch.inference_mode()
 def face_distributions(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Age and gender distributions for uint8 `(N, H, W, 3)` faces; with `flip_tta` the mirror image is
-    predicted too and the two averaged."""
+    predicted too and the two averaged, unless the model reads it already (`flip_average`: a shipped model as
+    a teacher), which would only read every face twice over."""
     pixels = pixels.permute(0, 3, 1, 2)
-    views = [pixels, pixels.flip(-1)] if flip_tta else [pixels]
+    views = [pixels, pixels.flip(-1)] if flip_tta and not model.config.flip_average else [pixels]
     outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
     age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
     gender_probs = torch.stack([model.gender_probabilities(o.gender_logits) for o in outputs]).mean(0)
