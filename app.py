@@ -472,7 +472,8 @@ def main() -> None:
     analyzer = load_analyzer(args.model, args.dtype, args.runtime)
     config = analyzer.model.config
     print(
-        f"Loaded {args.model}: {config.backbone} backbone, {config.image_size}px, "
+        f"Loaded {args.model}: {config.backbone} backbone"
+        f"{f' x{config.ensemble_size} networks' if config.ensemble_size > 1 else ''}, {config.image_size}px, "
         f"{sum(p.numel() for p in analyzer.model.parameters()):,} parameters, {analyzer.model.dtype} on {args.runtime} "
         f"in {time.perf_counter() - started:.1f} s"
     )

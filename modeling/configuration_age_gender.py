@@ -108,6 +108,11 @@ class AgeGenderConfig(PretrainedConfig):
             photo, and measured on validation it lowered UTKFace's age error and raised real-face gender
             accuracy (docs/experiments.md). Calibrations (`age_interval_scale`, `gender_temperature`) hold for
             the setting they were made with.
+        ensemble_size (`int`, *optional*, defaults to 1):
+            Networks in the model, each a backbone of this config with both heads, read side by side with their
+            logits averaged. Networks of different origin (one fine-tuned, one trained from scratch) misread
+            different faces: on validation two of them read faces better than one network with `flip_average`,
+            at the same cost (docs/experiments.md). `training/combine_models.py` puts trained models together.
     """
 
     model_type = "age_gender_cnn"
@@ -137,6 +142,7 @@ class AgeGenderConfig(PretrainedConfig):
         age_range_loss_weight: float = 1.0,
         gender_temperature: float = 1.0,
         flip_average: bool = False,
+        ensemble_size: int = 1,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -179,6 +185,9 @@ class AgeGenderConfig(PretrainedConfig):
         self.age_range_loss_weight = age_range_loss_weight
         self.gender_temperature = float(gender_temperature)
         self.flip_average = bool(flip_average)
+        if int(ensemble_size) != ensemble_size or ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be a whole number of networks, 1 or more, got {ensemble_size}")
+        self.ensemble_size = int(ensemble_size)
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)

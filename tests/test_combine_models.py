@@ -1,0 +1,133 @@
+"""Models of several networks (`ensemble_size`), put together from trained models by training/combine_models.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import ROOT, face_like, require_shipped_model
+from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from training.combine_models import combine_models
+from training.export_onnx import export_float
+from training.model_card import reading_note, write_model_card
+
+
+def jittered(seed: int, **overrides) -> AgeGenderModel:
+    """A small untrained model with its weights moved off the initialisation, so that two seeds answer differently."""
+    torch.manual_seed(seed)
+    model = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32, **overrides)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter += 0.05 * torch.randn_like(parameter)
+    return model
+
+
+def logits(model: AgeGenderModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.eval()(pixel_values=pixels)
+    return out.age_logits, out.gender_logits
+
+
+def test_a_combined_model_averages_its_networks_logits():
+    first, second = jittered(0), jittered(1)
+    pixels = torch.randn(4, 3, 32, 32)
+    combined = combine_models([first, second])
+    assert combined.config.ensemble_size == 2 and len(combined.other_networks) == 1
+    for mixed, a, b in zip(logits(combined, pixels), logits(first, pixels), logits(second, pixels)):
+        assert not torch.allclose(a, b)
+        torch.testing.assert_close(mixed, (a + b) / 2)
+    with torch.no_grad():
+        out = combined(pixel_values=pixels)
+    assert out.pooler_output.shape == (4, 2 * combined.config.hidden_sizes[-1])
+    torch.testing.assert_close(out.age, out.age_logits.softmax(-1) @ torch.arange(combined.config.num_ages, dtype=torch.float32))
+
+
+def test_an_ensemble_trains_as_one_model():
+    """The loss is on the averaged logits, and every network gets a gradient from it."""
+    combined = combine_models([jittered(0), jittered(1)]).train()
+    out = combined(pixel_values=torch.randn(4, 3, 32, 32), age=torch.tensor([20.0, 30, 40, 50]), gender=torch.tensor([0, 1, 0, 1]))
+    out.loss.backward()
+    for network in (combined, *combined.other_networks):
+        assert network.gender_head[-1].weight.grad.abs().sum() > 0
+
+
+def test_an_ensemble_saves_loads_and_combines_again(tmp_path):
+    combined = combine_models([jittered(0), jittered(1)], flip_average=True)
+    combined.save_pretrained(tmp_path / "two")
+    reloaded = AgeGenderModel.from_pretrained(tmp_path / "two")
+    assert reloaded.config.ensemble_size == 2 and reloaded.config.flip_average is True
+    pixels = torch.randn(3, 3, 32, 32)
+    for a, b in zip(logits(reloaded, pixels), logits(combined, pixels)):
+        torch.testing.assert_close(a, b)
+    three = combine_models([reloaded, jittered(2)])  # an ensemble gives all its networks
+    assert three.config.ensemble_size == 3 and three.config.flip_average is False
+    reloaded.config.flip_average = False
+    for mixed, pair, single in zip(logits(three, pixels), logits(reloaded, pixels), logits(jittered(2), pixels)):
+        torch.testing.assert_close(mixed, (2 * pair + single) / 3)
+
+
+@pytest.mark.parametrize("overrides, field", [({"hidden_sizes": [16, 32, 64, 128]}, "hidden_sizes"), ({"max_age": 100}, "max_age")])
+def test_networks_of_different_architectures_are_refused_by_name(overrides, field):
+    with pytest.raises(ValueError, match=f"model 2 has {field} .* but model 1 has"):
+        combine_models([jittered(0), jittered(1, **overrides)])
+    with pytest.raises(ValueError, match="at least two"):
+        combine_models([jittered(0)])
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5])
+def test_an_impossible_ensemble_size_is_refused(size):
+    with pytest.raises(ValueError, match=f"ensemble_size .* got {size}"):
+        AgeGenderConfig(ensemble_size=size)
+
+
+def test_the_command_combines_the_shipped_model_with_itself_and_it_exports_to_onnx(tmp_path):
+    """The shipped model twice over must answer as the shipped model read once; through the CLI and ONNX."""
+    shipped = require_shipped_model()
+    out = tmp_path / "pair"
+    done = subprocess.run(
+        [sys.executable, "-m", "training.combine_models", str(out), str(shipped), str(shipped)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert f"2 networks in {out} (flip_average False)" in done.stdout and "--calibrate" in done.stdout
+    processor = AgeGenderImageProcessor.from_pretrained(out)
+    pixels = processor([face_like(seed) for seed in range(4)], return_tensors="pt")["pixel_values"]
+    single = AgeGenderModel.from_pretrained(shipped)
+    single.config.flip_average = False
+    pair = AgeGenderModel.from_pretrained(out)
+    for a, b in zip(logits(pair, pixels), logits(single, pixels)):
+        torch.testing.assert_close(a, b)
+
+    session = ort.InferenceSession(str(export_float(pair, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(gender), logits(single, pixels)[1], atol=1e-4, rtol=1e-4)
+
+    missing = subprocess.run([sys.executable, "-m", "training.combine_models", str(tmp_path / "x"), str(shipped), str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr
+
+
+def test_the_combined_model_card_names_each_network_and_how_it_reads(tmp_path):
+    """metrics.json of a combined model carries each network's folder and training command into its card; the
+    figures come from the shipped model's own metrics until eval_model --calibrate measures the combination."""
+    shipped = require_shipped_model()
+    out = tmp_path / "pair"
+    subprocess.run([sys.executable, "-m", "training.combine_models", str(out), str(shipped), str(shipped)], cwd=ROOT, capture_output=True, text=True, check=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    original = json.loads((shipped / "metrics.json").read_text())
+    assert metrics["command"] == f"python -m training.combine_models {out} {shipped} {shipped}"
+    assert [n["command"] for n in metrics["networks"]] == [original["command"]] * 2
+    assert metrics["parameters"] == 2 * original["parameters"] and metrics["train_sources"] == original["train_sources"]
+    card = write_model_card(out, {**metrics, "test": original["test"], "validation": original["validation"]}).read_text()
+    assert "Each face is read once by each of its 2 networks (`ensemble_size`), their logits averaged, at 2 times" in card
+    assert "# network 2 (" in card and original["command"] in card and "combine_models.py" in card
+    assert "--init_from" in original["command"] and "starts from the weights of an earlier model" in card
+
+
+def test_reading_note_counts_the_readings():
+    assert reading_note({"ensemble_size": 2, "flip_average": True}).startswith("Each face is read beside its mirror image by each of its 2 networks")
+    assert "at 4 times one network's cost" in reading_note({"ensemble_size": 2, "flip_average": True})
+    assert reading_note({}) == "Each face is read once (`flip_average` off)."

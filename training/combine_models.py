@@ -1,0 +1,115 @@
+"""Put trained models together into one model that reads each face with all their networks and averages the logits.
+
+    python -m training.combine_models runs/combined model runs/scratch_mix
+    python training/eval_model.py --model runs/combined --data ../shared/datasets/UTKFace.tar.gz --calibrate
+
+Two networks of different origin (one fine-tuned from an earlier model, one trained from scratch) misread
+different faces: averaged, they read real faces better than one network reading each face and its mirror image,
+at the same cost (docs/experiments.md). The result is one model folder (`ensemble_size` networks in one safetensors file,
+one ONNX graph once exported) that loads and runs like any other. The networks must share their architecture and
+their image processor. The calibration (gender temperature, age interval) is the first model's until
+`eval_model.py --calibrate` makes it again for the averaged logits, which are surer than either network's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from training.model_card import SOURCES
+
+# Config fields that shape a network's weights or its input: the combined networks must agree on all of them.
+ARCHITECTURE_FIELDS = (
+    "backbone", "num_channels", "image_size", "embedding_size", "hidden_sizes", "depths", "downsample_in_first_stage",
+    "hidden_act", "head_hidden_size", "min_age", "max_age", "id2label",
+)
+
+
+def networks_of(model: AgeGenderModel) -> list[torch.nn.Module]:
+    """Every network a model reads faces with: the model itself (its own backbone and heads), then the others."""
+    return [model, *model.other_networks]
+
+
+def check_same_architecture(configs: list[AgeGenderConfig], names: list[str]) -> None:
+    """Raise a ValueError naming the first field and the two models that differ in it."""
+    for field in ARCHITECTURE_FIELDS:
+        first = getattr(configs[0], field)
+        for config, name in zip(configs[1:], names[1:]):
+            if getattr(config, field) != first:
+                raise ValueError(
+                    f"{name} has {field} {getattr(config, field)!r} but {names[0]} has {first!r}: only networks of "
+                    "one architecture can be combined"
+                )
+
+
+def combine_models(models: list[AgeGenderModel], names: list[str] | None = None, flip_average: bool = False) -> AgeGenderModel:
+    """One model holding the networks of all `models` (an ensemble among them gives all of its networks), with
+    the first model's config and calibration and `flip_average` as given."""
+    if len(models) < 2:
+        raise ValueError("give at least two models to combine")
+    names = names or [f"model {i + 1}" for i in range(len(models))]
+    check_same_architecture([model.config for model in models], names)
+    sources = [network for model in models for network in networks_of(model)]
+    config = AgeGenderConfig.from_dict({**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average})
+    combined = AgeGenderModel(config).eval()
+    for target, source in zip(networks_of(combined), sources):
+        for part in ("backbone", "age_head", "gender_head"):
+            getattr(target, part).load_state_dict(getattr(source, part).state_dict())
+    return combined
+
+
+def combined_metrics(folders: list[str], combined: AgeGenderModel, command: str) -> dict:
+    """The combined model's metrics.json before `eval_model.py --calibrate` adds its figures: what its model card
+    tells of its networks (each one's folder and training command) and of the data they saw together."""
+    members = [json.loads(path.read_text()) if (path := Path(folder, "metrics.json")).is_file() else {} for folder in folders]
+    sources = {source for member in members for source in member.get("train_sources", ["UTKFace"])}
+    sizes = {member.get("train_size") for member in members}
+    return {
+        "parameters": sum(parameter.numel() for parameter in combined.parameters()),
+        "image_size": combined.config.image_size,
+        "train_size": sizes.pop() if len(sizes) == 1 else None,  # a single count only when they all saw the same faces
+        "train_sources": [name for name in SOURCES if name in sources],
+        "gender_teacher": any(member.get("gender_teacher") for member in members),
+        "command": command,
+        "networks": [{"model": folder, "command": member.get("command"), "best_epoch": member.get("best_epoch")} for folder, member in zip(folders, members)],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", help="Where the combined model goes.")
+    parser.add_argument("models", nargs="+", help="Two or more trained model folders of one architecture (e.g. model runs/scratch_mix).")
+    parser.add_argument(
+        "--flip_average", action="store_true",
+        help="Each network also reads each face's mirror image (twice the cost again); off by default, the networks' "
+        "own setting is not carried over.",
+    )
+    args = parser.parse_args(argv)
+    for folder in args.models:
+        if not Path(folder, "config.json").is_file():
+            raise SystemExit(f"error: {folder} is not a model folder (no config.json); give folders a training run saved")
+    processors = [AgeGenderImageProcessor.from_pretrained(folder) for folder in args.models]
+    for folder, processor in zip(args.models[1:], processors[1:]):
+        if processor.to_dict() != processors[0].to_dict():
+            raise SystemExit(f"error: {folder} prepares faces differently from {args.models[0]} (its preprocessor_config.json); they cannot share one input")
+    try:
+        combined = combine_models([AgeGenderModel.from_pretrained(folder) for folder in args.models], args.models, args.flip_average)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    combined.save_pretrained(args.output_dir)
+    processors[0].save_pretrained(args.output_dir)
+    command = " ".join(["python -m training.combine_models", args.output_dir, *args.models, *(["--flip_average"] if args.flip_average else [])])
+    metrics = combined_metrics(args.models, combined, command)
+    Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(
+        f"{combined.config.ensemble_size} networks in {args.output_dir} (flip_average {combined.config.flip_average}); "
+        f"calibrate it with training/eval_model.py --model {args.output_dir} --calibrate"
+    )
+
+
+if __name__ == "__main__":
+    main()
