@@ -299,9 +299,9 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         if mirrored:  # each face beside its mirror image, averaged below
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         pixel_values = pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last)
-        readings = [read_faces(network, pixel_values) for network in (self, *self.other_networks)]
-        features = torch.cat([reading[0] for reading in readings], dim=-1)
-        age_logits, gender_logits = (torch.stack(logits).mean(0) for logits in list(zip(*readings))[1:])
+        features, age_logits, gender_logits = zip(*(read_faces(network, pixel_values) for network in self.networks()))
+        features = torch.cat(features, dim=-1)
+        age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
         if mirrored:
             features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
@@ -320,6 +320,11 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
             pooler_output=features,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def networks(self) -> list[nn.Module]:
+        """Every network the model reads faces with (`config.ensemble_size`): the model's own backbone and heads,
+        then the others."""
+        return [self, *self.other_networks]
 
     def gender_probabilities(self, gender_logits: torch.Tensor) -> torch.Tensor:
         """See `gender_probabilities`."""

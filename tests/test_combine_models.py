@@ -52,7 +52,7 @@ def test_an_ensemble_trains_as_one_model():
     combined = combine_models([jittered(0), jittered(1)]).train()
     out = combined(pixel_values=torch.randn(4, 3, 32, 32), age=torch.tensor([20.0, 30, 40, 50]), gender=torch.tensor([0, 1, 0, 1]))
     out.loss.backward()
-    for network in (combined, *combined.other_networks):
+    for network in combined.networks():
         assert network.gender_head[-1].weight.grad.abs().sum() > 0
 
 

@@ -17,8 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.model_card import SOURCES
 
@@ -27,11 +25,6 @@ ARCHITECTURE_FIELDS = (
     "backbone", "num_channels", "image_size", "embedding_size", "hidden_sizes", "depths", "downsample_in_first_stage",
     "hidden_act", "head_hidden_size", "min_age", "max_age", "id2label",
 )
-
-
-def networks_of(model: AgeGenderModel) -> list[torch.nn.Module]:
-    """Every network a model reads faces with: the model itself (its own backbone and heads), then the others."""
-    return [model, *model.other_networks]
 
 
 def check_same_architecture(configs: list[AgeGenderConfig], names: list[str]) -> None:
@@ -53,10 +46,10 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
         raise ValueError("give at least two models to combine")
     names = names or [f"model {i + 1}" for i in range(len(models))]
     check_same_architecture([model.config for model in models], names)
-    sources = [network for model in models for network in networks_of(model)]
+    sources = [network for model in models for network in model.networks()]
     config = AgeGenderConfig.from_dict({**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average})
     combined = AgeGenderModel(config).eval()
-    for target, source in zip(networks_of(combined), sources):
+    for target, source in zip(combined.networks(), sources):
         for part in ("backbone", "age_head", "gender_head"):
             getattr(target, part).load_state_dict(getattr(source, part).state_dict())
     return combined
