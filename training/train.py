@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from faces.analysis import native_bfloat16
 from faces.onnx_model import usable_cores
 from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.augment import augment_batch
@@ -300,6 +301,18 @@ def use_the_cores(accelerator: Accelerator, num_threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def emulated_bfloat16_warning(device_type: str, mixed_precision: str, native: bool) -> str | None:
+    """A warning for bf16 mixed precision on a CPU that lacks bfloat16 in hardware (AVX512-BF16 or AMX), where
+    oneDNN emulates it: measured on a 2-core AMD EPYC with AVX2 only, a training step of 128 faces took 10.3 s in
+    bf16 against 0.75 s in float32. The run still works, so it is a warning rather than an error."""
+    if device_type != "cpu" or mixed_precision != "bf16" or native:
+        return None
+    return (
+        "warning: --mixed_precision bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): it is emulated "
+        "and trains about 13x slower than float32: start again with --mixed_precision no."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -316,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
+    warning = emulated_bfloat16_warning(accelerator.device.type, accelerator.mixed_precision, native_bfloat16("cpu"))
+    if warning:
+        accelerator.print(warning)
     threads = use_the_cores(accelerator, args.num_threads)
 
     config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
