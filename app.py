@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import model_validator
 
 from faces import DEFAULT_MODEL, FaceAnalyzer, FaceRecord, FaceTracker, PhotoResult, annotate, face_colour, face_label
-from faces.analysis import CONFIDENT_GENDER_SCORE, RUNTIMES
+from faces.analysis import CHILD_AGE, CONFIDENT_GENDER_SCORE, RUNTIMES
 from modeling import InvalidImageError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -344,7 +344,7 @@ def build_demo(analyzer: FaceAnalyzer, concurrency: int = 2) -> gr.Blocks:
             )
             message = gr.Markdown(render=False)
             table = gr.Dataframe(
-                label=f"One row per face, numbered as on the photo. On real photos a gender under {CONFIDENT_GENDER_SCORE:.0%} confidence is a guess, marked ? on the photo (model card)",
+                label=f"One row per face, numbered as on the photo. On real photos a gender under {CONFIDENT_GENDER_SCORE:.0%} confidence, and any child's (read as under {CHILD_AGE}), is a guess, marked ? on the photo (model card)",
                 headers=TABLE_COLUMNS, interactive=False, wrap=True, elem_id="faces-table", render=False,
             )
             chart = gr.Plot(label="Age distribution of each face", show_label=False, format="png", elem_id="age-chart", render=False)

@@ -23,10 +23,20 @@ from .search import detect_in_photo
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model"
 # On real photos a gender given with at least this confidence was right 96.5% of the time (the shipped model on
-# wider-dev: 542 of 876 faces) and under it 69% (334 faces; model card), so labels mark the genders under it as
+# wider-dev: 542 of 876 faces) and under it 69% (334 faces), so labels mark the genders under it as
 # guesses.
 CONFIDENT_GENDER_SCORE = 0.9
+# A child's gender is a guess however sure the model is: on UTKFace's validation split the shipped model gave 84
+# of the 241 faces it reads as under 10 years a gender at 90% or more, and those were right 84.5% of the time,
+# against 98.7% from 10 years on (test split: 91.0% against 98.2%; docs/experiments.md).
+CHILD_AGE = 10
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def gender_is_guess(gender_score, age):
+    """The labels' "?": a gender under `CONFIDENT_GENDER_SCORE`, or of a face read as under `CHILD_AGE`. Takes
+    numbers or tensors alike, so that evaluation measures the rule the app applies."""
+    return (gender_score < CONFIDENT_GENDER_SCORE) | (age < CHILD_AGE)
 
 
 @dataclass
@@ -45,9 +55,15 @@ class FaceRecord:
     gender_probs: list[float] = field(default_factory=list, repr=False)
 
     @property
+    def gender_is_guess(self) -> bool:
+        """Whether the gender is to be read as a guess: under `CONFIDENT_GENDER_SCORE`, or a face read as a child
+        (under `CHILD_AGE` years), whose confident genders are right far less often than adults'."""
+        return bool(gender_is_guess(self.gender_score, self.age))
+
+    @property
     def gender_mark(self) -> str:
-        """"F" or "M", with a question mark when the gender is a guess (under `CONFIDENT_GENDER_SCORE`)."""
-        return self.gender[0].upper() + ("" if self.gender_score >= CONFIDENT_GENDER_SCORE else "?")
+        """"F" or "M", with a question mark when the gender is a guess (`gender_is_guess`)."""
+        return self.gender[0].upper() + ("?" if self.gender_is_guess else "")
 
     @property
     def label(self) -> str:
@@ -58,6 +74,7 @@ class FaceRecord:
         record = asdict(self)
         record.pop("age_distribution")
         record.pop("gender_probs")
+        record["gender_is_guess"] = self.gender_is_guess
         return record
 
 

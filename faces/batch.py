@@ -32,7 +32,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 COLUMNS = [
     "source", "frame", "status", "face", "x0", "y0", "x1", "y1", "image_width", "image_height", "detection_score",
-    "age", "age_low", "age_high", "gender", "gender_score", "error",
+    "age", "age_low", "age_high", "gender", "gender_score", "gender_is_guess", "error",
 ]
 
 
@@ -140,7 +140,7 @@ def face_rows(item: Item, frame: int | None, size: tuple[int, int], faces: list)
         {
             **base, "status": "face", "face": number, "x0": f.box[0], "y0": f.box[1], "x1": f.box[2], "y1": f.box[3],
             "detection_score": f.detection_score, "age": f.age, "age_low": f.age_interval[0], "age_high": f.age_interval[1],
-            "gender": f.gender, "gender_score": f.gender_score,
+            "gender": f.gender, "gender_score": f.gender_score, "gender_is_guess": f.gender_is_guess,
         }
         for number, f in enumerate(faces, start=1)
     ]

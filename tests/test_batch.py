@@ -71,6 +71,7 @@ def test_faces_have_boxes_in_their_photo_and_a_reading(labelled):
     assert trio["face"].tolist() == [1, 2, 3] and trio["gender"].tolist() == ["male", "male", "female"]
     assert (trio["x0"] < trio["x1"]).all() and (trio["x1"] <= trio["image_width"]).all() and (trio["image_width"] == 896).all()
     assert ((trio["age_low"] <= trio["age"]) & (trio["age"] <= trio["age_high"])).all()
+    assert trio["gender_is_guess"].tolist() == [score < 0.9 or age < 10 for score, age in zip(trio["gender_score"], trio["age"])]  # the labels' "?"
     assert rows_of(labelled, "collins.jpg")["gender"].tolist() == ["female"]  # found in the nested folder
 
 

@@ -102,7 +102,7 @@ def test_group_photo_is_numbered_alike_on_photo_table_and_chart(page, tmp_path):
         assert low <= age <= high
     chart = page.locator("img[src^='data:image/png'], .js-plotly-plot, canvas, svg").filter(visible=True)
     assert page.get_by_text("Age distribution of each face", exact=True).count() >= 1 and chart.count() >= 1
-    assert page.get_by_text("a gender under 90% confidence is a guess").is_visible()  # what the confidence is worth
+    assert page.get_by_text("a gender under 90% confidence, and any child's (read as under 10), is a guess").is_visible()  # what the confidence is worth
     page.wait_for_timeout(500)
     save_screenshot(page, "screenshot.png", tmp_path)
 

@@ -256,6 +256,17 @@ def test_labels_mark_a_gender_under_90_percent_as_a_guess():
     assert photo_label(4, guess, count=6) == "5: F? 31" and photo_label(4, sure, count=6) == "5: F 31"
 
 
+def test_a_face_read_as_a_child_has_its_gender_marked_as_a_guess_however_sure():
+    from dataclasses import replace
+
+    from faces.analysis import CHILD_AGE
+
+    child = replace(record(CHILD_AGE - 1, "male", [0, 0, 50, 50]), gender_score=0.99)
+    ten = replace(record(CHILD_AGE, "male", [0, 0, 50, 50]), gender_score=0.99)
+    assert child.label == "M? 9 (9-9)" and child.gender_is_guess and child.to_json()["gender_is_guess"] is True
+    assert ten.label == "M 10 (10-10)" and ten.to_json()["gender_is_guess"] is False
+
+
 def test_tracker_smooths_a_face_and_starts_new_ones_fresh():
     from modeling import AgeGenderConfig
 

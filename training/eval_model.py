@@ -93,7 +93,7 @@ def report_markdown(report: dict, title: str) -> str:
         lines += [
             "", f"Real photos (wider-dev, faces of 32 px and more that the app finds): gender accuracy {real['gender_accuracy']:.1%} of "
             f"{real['faces']} faces, balanced {real['gender_balanced_accuracy']:.1%} (men {real['gender_accuracy_men']:.1%}, women "
-            f"{real['gender_accuracy_women']:.1%}); {real['confident_share']:.0%} of faces given 90% or more, right {real['confident_accuracy']:.1%} of the time"
+            f"{real['gender_accuracy_women']:.1%}); {real['confident_share']:.0%} of faces shown without \"?\" (90% or more, not read as under 10), right {real['confident_accuracy']:.1%} of the time"
         ]
     if "real_faces_validation" in report:
         lines += real_faces_markdown(report["real_faces_validation"])
@@ -127,7 +127,7 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     for name, mask in groups.items():
         known = mask & (columns["gender"] >= 0).to_numpy()
         if known.sum() >= 10 and (genders[known] == 1).any() and (genders[known] == 0).any():
-            report[name] = gender_figures(gender_probs[known], genders[known])
+            report[name] = gender_figures(gender_probs[known], genders[known], torch.from_numpy(ages)[known])
     age_group = columns["age_group"].to_numpy()
     ranges = np.asarray(AGE_GROUP_RANGES)[np.clip(age_group, 0, None)]
     inside = (ages >= ranges[:, 0]) & (ages <= ranges[:, 1])
@@ -136,8 +136,8 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
 
 
 def real_faces_markdown(report: dict) -> list[str]:
-    lines = ["", "Real faces, validation part (gender; 90%+: share of faces shown without \"?\" and how often right):", "",
-             "| group | faces | balanced | men | women | 90%+ share | 90%+ right |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "Real faces, validation part (gender; no \"?\": share of faces shown without \"?\", 90% or more and not read as under 10, and how often right):", "",
+             "| group | faces | balanced | men | women | no \"?\" share | no \"?\" right |", "|---|---|---|---|---|---|---|"]
     for name, f in report.items():
         if name != "age_group_inside":
             lines.append(f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} | {f['confident_share']:.0%} | {f['confident_accuracy']:.1%} |")

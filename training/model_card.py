@@ -144,7 +144,8 @@ def breakdown_text(breakdown: dict | None) -> str:
         lines.insert(0, f"- Real photos: gender agrees with the perceived gender of {real['gender_accuracy']:.1%} of {real['faces']} "
                         f"faces found by the project's detector in WIDER FACE photos (`wider-dev`): men {real['gender_accuracy_men']:.1%}, "
                         f"women {real['gender_accuracy_women']:.1%}, balanced {real['gender_balanced_accuracy']:.1%}; "
-                        f"{real['confident_share']:.0%} of them get a confidence of 90% or more, right {real['confident_accuracy']:.1%} of the time.")
+                        f"{real['confident_share']:.0%} of them are shown without \"?\" (a confidence of 90% or more, and not read as under 10 years), "
+                        f"right {real['confident_accuracy']:.1%} of the time.")
     real_faces = breakdown.get("real_faces_validation")
     if real_faces:
         lines += ["\n**Real faces, validation part (gender)**\n", "| group | faces | balanced | men | women |", "|---|---|---|---|---|"]

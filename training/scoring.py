@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling.configuration_age_gender import AgeGenderConfig
-from modeling.modeling_age_gender import age_interval_bounds, summarize_predictions
+from modeling.modeling_age_gender import age_interval_bounds, age_statistics, summarize_predictions
 
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "age_gender")
 
@@ -147,16 +147,19 @@ def balanced_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.
     hold twice as many men, and the errors gather on women) and over all faces; None without faces."""
     if faces is None or not len(faces[1]):
         return None
-    _, gender_probs = predict_distributions(model, processor, faces[0])
-    return gender_figures(gender_probs, faces[1])
+    age_probs, gender_probs = predict_distributions(model, processor, faces[0])
+    return gender_figures(gender_probs, faces[1], age_statistics(age_probs, model.config.min_age)[0])
 
 
-def gender_figures(gender_probs: torch.Tensor, genders: torch.Tensor, confident: float = 0.9) -> dict[str, float]:
+def gender_figures(gender_probs: torch.Tensor, genders: torch.Tensor, ages: torch.Tensor) -> dict[str, float]:
     """Accuracy over all faces, for men, for women and balanced (their mean), and how the labels' "?" rule
-    fares: the share of faces given at least `confident` and how often those are right."""
+    (`faces.analysis.gender_is_guess`, from the gender's confidence and the face's estimated age `ages`) fares:
+    the share of faces shown without "?" and how often those are right."""
+    from faces.analysis import gender_is_guess
+
     right = gender_probs.argmax(-1) == genders
     men, women = right[genders == 0].float().mean().item(), right[genders == 1].float().mean().item()
-    sure = gender_probs.max(-1).values >= confident
+    sure = ~gender_is_guess(gender_probs.max(-1).values, ages)
     return {
         "gender_accuracy": right.float().mean().item(), "gender_balanced_accuracy": (men + women) / 2,
         "gender_accuracy_men": men, "gender_accuracy_women": women, "faces": int(len(genders)),
