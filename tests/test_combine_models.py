@@ -124,7 +124,11 @@ def test_the_combined_model_card_names_each_network_and_how_it_reads(tmp_path):
     card = write_model_card(out, {**metrics, "test": original["test"], "validation": original["validation"]}).read_text()
     assert "Each face is read once by each of its 2 networks (`ensemble_size`), their logits averaged, at 2 times" in card
     assert "# network 2 (" in card and original["command"] in card and "combine_models.py" in card
-    assert "--init_from" in original["command"] and "starts from the weights of an earlier model" in card
+    # the note on a fine-tune follows the command (the shipped v6 ran from scratch; v4 and v5 were fine-tunes)
+    assert ("--init_from" in original["command"]) == ("starts from the weights of an earlier model" in card)
+    fine_tune = {**metrics, "networks": [{**metrics["networks"][0], "command": original["command"] + " --init_from model"}, *metrics["networks"][1:]]}
+    card = write_model_card(out, {**fine_tune, "test": original["test"], "validation": original["validation"]}).read_text()
+    assert "starts from the weights of an earlier model" in card
 
 
 def test_reading_note_counts_the_readings():
