@@ -50,7 +50,7 @@ def gflops_per_face(model, image_size: int) -> float:
 def model_figures(name: str, model, processor, gflops: float | None = None) -> dict:
     """Faces/s at batch 1, 8 and 64 and one face through processor and model; `gflops` for a model that torch
     cannot count (an onnxruntime session)."""
-    size = model.config.image_size
+    size = model.config.input_size
     gflops = gflops_per_face(model, size) if gflops is None else gflops
     figures = {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "input": size, "gflops": gflops}
     for batch in (1, 8, 64):

@@ -36,10 +36,19 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def align_face(photo: Image.Image, landmarks: np.ndarray, size: int = CHIP_SIZE) -> Image.Image:
+def zoomed_template(zoom: float) -> np.ndarray:
+    """`UTKFACE_TEMPLATE` shrunk about the chip's centre by `zoom`: a chip cut to it shows `zoom` times as much of
+    the photo each way (1.0 is UTKFace's framing; 1.3 takes in more hair, ears and neck)."""
+    if not zoom > 0:
+        raise ValueError(f"zoom must be positive, got {zoom}")
+    return (UTKFACE_TEMPLATE - CHIP_SIZE / 2) / zoom + CHIP_SIZE / 2
+
+
+def align_face(photo: Image.Image, landmarks: np.ndarray, size: int = CHIP_SIZE, zoom: float = 1.0) -> Image.Image:
     """A `size` x `size` RGB crop of the face whose 5 landmarks (in the photo's pixels) are given, framed like
-    UTKFace's crops. Areas outside the photo are filled by repeating its edge, as UTKFace's crops are."""
-    to_chip = similarity_transform(np.asarray(landmarks, dtype=np.float64), UTKFACE_TEMPLATE * size / CHIP_SIZE)
+    UTKFace's crops, or `zoom` times wider (`zoomed_template`). Areas outside the photo are filled by repeating its
+    edge, as UTKFace's crops are."""
+    to_chip = similarity_transform(np.asarray(landmarks, dtype=np.float64), zoomed_template(zoom) * size / CHIP_SIZE)
     # The chip's corners in the photo, to cut only the part of the photo the chip covers.
     from_chip = np.linalg.inv(np.vstack([to_chip, [0, 0, 1]]))[:2]
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ from_chip.T
@@ -55,6 +64,19 @@ def align_face(photo: Image.Image, landmarks: np.ndarray, size: int = CHIP_SIZE)
     shift = np.array([[1.0, 0.0, -left], [0.0, 1.0, -top], [0.0, 0.0, 1.0]]) / np.array([[reduce], [reduce], [1.0]])
     chip_to_region = shift @ np.vstack([from_chip, [0, 0, 1]])
     return region.transform((size, size), Image.Transform.AFFINE, tuple(chip_to_region[:2].ravel()), Image.Resampling.BILINEAR)
+
+
+def reframe_chip(chip: Image.Image, zoom: float) -> Image.Image:
+    """A chip framed `zoom` times wider about its centre, as a square of its shorter side: above 1 the parts
+    beyond it repeat its edge (a UTKFace crop has nothing more of its photo), below 1 its centre is cut out. It
+    lets faces cut at one framing (UTKFace's crops, a cache of real faces) be read by a model, or a teacher, that
+    reads another."""
+    if zoom == 1:
+        return chip
+    side = min(chip.size) * zoom
+    left, top = (chip.width - side) / 2, (chip.height - side) / 2
+    box = (round(left), round(top), round(left + side), round(top + side))
+    return edge_padded_crop(chip, *box).resize((min(chip.size),) * 2, Image.Resampling.BILINEAR, reducing_gap=None)
 
 
 def edge_padded_crop(photo: Image.Image, left: int, top: int, right: int, bottom: int) -> Image.Image:

@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoModel
 import modeling  # noqa: F401  (registers the model with the Auto classes)
 from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
-from .alignment import CHIP_SIZE, align_face
+from .alignment import CHIP_SIZE, align_face, reframe_chip
 from .detection import Detection, RetinaFaceDetector
 from .onnx_model import OnnxAgeGenderModel
 from .search import detect_in_photo
@@ -198,7 +198,7 @@ class FaceAnalyzer:
         """The aligned crops of every face in a photo, in reading order: what the model sees, and what
         `pipeline("age-gender-estimation")` and the model expect as input."""
         photo = self.load_photo(image)
-        return [align_face(photo, detection.landmarks) for detection in self.detect(photo)]
+        return [align_face(photo, detection.landmarks, zoom=self.processor.face_zoom) for detection in self.detect(photo)]
 
     @torch.inference_mode()
     def predict_faces(self, faces: list[ImageLike]) -> list[FaceRecord]:
@@ -214,8 +214,8 @@ class FaceAnalyzer:
         """Every face in a photo scoring at least `min_score` (default `min_detection_score`), or the photo as
         one face when `assume_face_crop` is set; no face found gives no faces."""
         photo = self.load_photo(image)
-        if assume_face_crop:
-            face = self.predict_faces([photo])[0]
+        if assume_face_crop:  # framed as UTKFace frames its faces, as a face crop is taken to be
+            face = self.predict_faces([reframe_chip(photo, self.processor.face_zoom)])[0]
             face.box = [0, 0, photo.width, photo.height]
             return PhotoResult(image=photo, faces=[face])
         detections = self.detect(photo, min_score)
@@ -225,7 +225,7 @@ class FaceAnalyzer:
     def label_detections(self, photos: list[Image.Image], detections: list[list[Detection]]) -> list[list[FaceRecord]]:
         """The faces found in each photo, aligned and predicted in batches that span the photos, with box
         (clipped to the photo), landmarks and detection score filled in."""
-        crops = [align_face(photo, d.landmarks, CHIP_SIZE) for photo, found in zip(photos, detections) for d in found]
+        crops = [align_face(photo, d.landmarks, CHIP_SIZE, self.processor.face_zoom) for photo, found in zip(photos, detections) for d in found]
         records = iter(self.predict_faces(crops))
         labelled = []
         for photo, found in zip(photos, detections):

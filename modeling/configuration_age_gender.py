@@ -113,6 +113,11 @@ class AgeGenderConfig(PretrainedConfig):
             logits averaged. Networks of different origin (one fine-tuned, one trained from scratch) misread
             different faces: on validation two of them read faces better than one network with `flip_average`,
             at the same cost (docs/experiments.md). `training/combine_models.py` puts trained models together.
+        network_zooms (`list[float]`, *optional*):
+            The framing each network reads (one per network): 1.0 is UTKFace's, 1.3125 a face 1.3125 times wider
+            about its centre, with hair, ears and neck in view, where a person reads what the tight chip cuts off.
+            The model's input is framed at the widest of them, at `input_size`; each network reads its own framing
+            out of it (the centre, resized to `image_size`). None: every network reads UTKFace's framing.
     """
 
     model_type = "age_gender_cnn"
@@ -143,6 +148,7 @@ class AgeGenderConfig(PretrainedConfig):
         gender_temperature: float = 1.0,
         flip_average: bool = False,
         ensemble_size: int = 1,
+        network_zooms: list[float] | None = None,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -188,6 +194,10 @@ class AgeGenderConfig(PretrainedConfig):
         if int(ensemble_size) != ensemble_size or ensemble_size < 1:
             raise ValueError(f"ensemble_size must be a whole number of networks, 1 or more, got {ensemble_size}")
         self.ensemble_size = int(ensemble_size)
+        network_zooms = [1.0] * self.ensemble_size if network_zooms is None else [float(z) for z in network_zooms]
+        if len(network_zooms) != self.ensemble_size or min(network_zooms) < 1:
+            raise ValueError(f"network_zooms needs one zoom of 1 or more per network ({self.ensemble_size}), got {network_zooms}")
+        self.network_zooms = network_zooms
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)
@@ -196,6 +206,17 @@ class AgeGenderConfig(PretrainedConfig):
     def num_ages(self) -> int:
         """Bins of the age head, one per whole year from `min_age` to `max_age`."""
         return self.max_age - self.min_age + 1
+
+    @property
+    def input_zoom(self) -> float:
+        """The framing of the model's input: the widest any network reads."""
+        return max(self.network_zooms)
+
+    @property
+    def input_size(self) -> int:
+        """Side in pixels of the model's input (`pixel_values`): `image_size` at UTKFace's framing, grown with the
+        framing, so that a network that reads UTKFace's framing reads its `image_size` pixels as they are."""
+        return round(self.image_size * self.input_zoom)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "AgeGenderConfig":

@@ -140,7 +140,13 @@ class AgeGenderImageProcessor(BaseImageProcessor):
 
     Args:
         image_size (`int`, *optional*, defaults to 64):
-            Side of the square output in pixels.
+            Side of the square output in pixels (the model's `config.input_size`).
+        face_zoom (`float`, *optional*, defaults to 1.0):
+            How the face crops it is given are framed: 1.0 as UTKFace frames its faces (and the app's aligner, at
+            its default), above 1 that many times wider about the face's centre, more of the head and neck in
+            view. It changes no pixels here: the crops given must be framed so. Photo analysis cuts each face at
+            it (`faces.alignment.align_face`, `FaceAnalyzer.face_crops`); `faces.alignment.reframe_chip(crop,
+            face_zoom)` widens a UTKFace-framed crop, its edge repeated, as training widens UTKFace's.
         image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
             Per-channel mean subtracted after scaling pixels to [0, 1].
         image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
@@ -157,10 +163,14 @@ class AgeGenderImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        face_zoom: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not face_zoom > 0:
+            raise ValueError(f"face_zoom must be positive, got {face_zoom}")
         self.image_size = int(image_size)
+        self.face_zoom = float(face_zoom)
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.max_image_pixels = int(max_image_pixels)

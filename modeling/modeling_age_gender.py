@@ -138,6 +138,20 @@ def read_faces(network: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Te
     return features, network.age_head(features).float(), network.gender_head(features).float()
 
 
+def framed_view(pixel_values: torch.Tensor, share: float, size: int) -> torch.Tensor:
+    """The centred `share` of each image's side, at `size` pixels (channels last, as the backbone runs fastest):
+    what a network that reads a tighter framing than the model's input sees of it. At UTKFace's framing the cut
+    is `size` pixels already and nothing is resampled."""
+    side = pixel_values.shape[-1]
+    cut = round(side * share)
+    start = (side - cut) // 2
+    view = pixel_values[..., start : start + cut, start : start + cut]
+    if cut != size:
+        # in float32: antialiased resizing has no bfloat16 kernel on the CPU
+        view = F.interpolate(view.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).to(view.dtype)
+    return view.contiguous(memory_format=torch.channels_last)
+
+
 def gaussian_label_distribution(age: torch.Tensor, ages: torch.Tensor, sigma: float) -> torch.Tensor:
     """Each true age as a normalised Gaussian over the age bins: neighbouring ages look alike (DLDL)."""
     weights = torch.exp(-0.5 * ((ages[None, :] - age[:, None]) / sigma) ** 2)
@@ -283,7 +297,8 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
     ) -> AgeGenderOutput | tuple:
         """
         Args:
-            pixel_values: `(batch, channels, image_size, image_size)` as the image processor makes them.
+            pixel_values: `(batch, channels, input_size, input_size)` as the image processor makes them
+                (`input_size` is `image_size` unless a network reads a wider framing: `config.network_zooms`).
             age: true ages in years, for the loss; a negative age marks a face whose age is unknown.
             gender: true gender ids (0 male, 1 female), for the loss; a negative id (-1, or transformers'
                 ignore index -100) marks a face whose gender is unknown.
@@ -298,8 +313,9 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         faces = pixel_values.shape[0]
         if mirrored:  # each face beside its mirror image, averaged below
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
-        pixel_values = pixel_values.to(dtype=self.dtype, memory_format=torch.channels_last)
-        features, age_logits, gender_logits = zip(*(read_faces(network, pixel_values) for network in self.networks()))
+        pixel_values = pixel_values.to(dtype=self.dtype)
+        views = [framed_view(pixel_values, zoom / self.config.input_zoom, self.config.image_size) for zoom in self.config.network_zooms]
+        features, age_logits, gender_logits = zip(*(read_faces(network, view) for network, view in zip(self.networks(), views)))
         features = torch.cat(features, dim=-1)
         age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
         if mirrored:

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, face_like, require_shipped_model
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
-from training.combine_models import combine_models
+from training.combine_models import combine_models, combined_processor
 from training.export_onnx import export_float
 from training.model_card import reading_note, write_model_card
 
@@ -45,6 +45,29 @@ def test_a_combined_model_averages_its_networks_logits():
         out = combined(pixel_values=pixels)
     assert out.pooler_output.shape == (4, 2 * combined.config.hidden_sizes[-1])
     torch.testing.assert_close(out.age, out.age_logits.softmax(-1) @ torch.arange(combined.config.num_ages, dtype=torch.float32))
+
+
+def test_networks_of_other_framings_read_their_own_out_of_the_widest(tmp_path):
+    """A network trained on UTKFace's framing beside one trained 1.3125 times wider: the combined model's input is
+    framed at the wider at 42 px (32 x 1.3125); the first network reads its centre 32 px as they are, the second all
+    of it shrunk to 32 px, each as it read faces alone; through ONNX too."""
+    tight, wide = jittered(0), jittered(1, network_zooms=[1.3125])
+    assert (tight.config.input_size, wide.config.input_size, wide.config.input_zoom) == (32, 42, 1.3125)
+    combined = combine_models([tight, wide])
+    assert combined.config.network_zooms == [1.0, 1.3125] and combined.config.input_size == 42
+    pixels = torch.rand(3, 3, 42, 42) * 2 - 1
+    for mixed, a, b in zip(logits(combined, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(wide, pixels)):
+        torch.testing.assert_close(mixed, (a + b) / 2)
+    session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(gender), logits(combined, pixels)[1], atol=1e-4, rtol=1e-4)
+    processors = [AgeGenderImageProcessor(image_size=32), AgeGenderImageProcessor(image_size=42, face_zoom=1.3125)]
+    processor = combined_processor(processors, ["tight", "wide"], combined)
+    assert (processor.image_size, processor.face_zoom) == (42, 1.3125)
+    with pytest.raises(ValueError, match="wide prepares faces differently from tight"):
+        combined_processor([processors[0], AgeGenderImageProcessor(image_size=42, face_zoom=1.3125, image_std=[0.2] * 3)], ["tight", "wide"], combined)
+    with pytest.raises(ValueError, match=r"network_zooms needs one zoom of 1 or more per network \(1\), got \[0.8\]"):
+        AgeGenderConfig(network_zooms=[0.8])
 
 
 def test_an_ensemble_trains_as_one_model():

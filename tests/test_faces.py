@@ -15,7 +15,7 @@ from conftest import EXAMPLES, blurred_cat, require_shipped_model
 from faces import (
     CHIP_SIZE, FaceAnalyzer, FaceRecord, FaceTracker, align_face, annotate, box_iou, native_bfloat16, reading_order, resolve_dtype,
 )
-from faces.alignment import UTKFACE_TEMPLATE, similarity_transform
+from faces.alignment import UTKFACE_TEMPLATE, reframe_chip, similarity_transform
 from faces.detection import DEFAULT_NMS_THRESHOLD, Detection, non_maximum_suppression
 from faces.search import take_large_faces_from_coarse_pass
 
@@ -198,6 +198,23 @@ def test_a_face_at_the_photo_edge_is_padded_not_black():
     photo = Image.new("RGB", (100, 100), (200, 50, 50))
     crop = align_face(photo, UTKFACE_TEMPLATE / 2 - 20)  # a small face hanging off the top-left corner
     assert np.asarray(crop).reshape(-1, 3).min(axis=0).tolist() == [200, 50, 50]
+
+
+def test_a_wider_framing_shows_more_of_the_photo_about_the_same_face(analyzer):
+    """A chip cut at zoom 1.3125 holds the UTKFace-framed chip in its centre (cut back out, they agree to a few
+    grey levels of resampling), and a UTKFace crop widened to it repeats its edge where it has no more photo."""
+    photo = analyzer.load_photo(EXAMPLES / "obama.jpg")
+    (detection,) = analyzer.detect(photo)
+    tight, wide = align_face(photo, detection.landmarks), align_face(photo, detection.landmarks, zoom=1.3125)
+    assert wide.size == tight.size == (CHIP_SIZE, CHIP_SIZE)
+    centre = np.asarray(reframe_chip(wide, 1 / 1.3125), dtype=float)
+    assert np.abs(centre - np.asarray(tight, dtype=float)).mean() < 4
+    assert np.abs(np.asarray(wide, dtype=float) - np.asarray(tight, dtype=float)).mean() > 20  # another picture
+    widened = np.asarray(reframe_chip(tight, 1.3125))
+    assert (widened[:10] == widened[:1]).all() and (widened[:, :10] == widened[:, :1]).all()  # the edge repeated
+    assert reframe_chip(tight, 1.0) is tight
+    with pytest.raises(ValueError, match="zoom must be positive, got 0"):
+        align_face(photo, detection.landmarks, zoom=0)
 
 
 def test_two_threads_give_the_same_answers_as_one(analyzer):

@@ -430,6 +430,33 @@ def test_a_run_on_real_faces_uses_their_labels_and_both_teachers(training_data, 
     assert (cache / "real-faces").is_dir()
 
 
+def test_a_run_at_a_wider_framing_cuts_real_faces_at_it_and_widens_utkface(training_data, finished_run, tmp_path):
+    """`--face_zoom 1.3125` from a model trained at UTKFace's framing: the real faces are cut 1.3125 times wider,
+    UTKFace's crops are widened with their edge repeated, the teacher reads its own framing, and the saved model
+    and processor carry the framing (42 px for a 32 px network), which the app's aligner then cuts faces at."""
+    from conftest import write_lfw_folder, write_wider_folder
+    from training.real_faces import load_real_faces
+    from training.train import main
+
+    wider, lfw = write_wider_folder(tmp_path / "wider-faces"), write_lfw_folder(tmp_path / "lfw-gender")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ["--data", str(training_data), "--cache_dir", str(cache), *QUICK, "--epochs", "1", "--output_dir", str(out)]
+    main([*args, "--wider_faces", str(wider), "--lfw_gender", str(lfw), "--init_from", str(finished_run), "--face_zoom", "1.3125", "--distill_from", str(finished_run)])
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert (processor["image_size"], processor["face_zoom"]) == (42, 1.3125)
+    assert json.loads((out / "config.json").read_text())["network_zooms"] == [1.3125]
+    assert set(load_real_faces(wider, lfw, cache, verbose=False, zoom=1.3125)["train"]["zoom"]) == {1.3125}
+    assert len(list((cache / "real-faces").iterdir())) == 2  # one source each, at this framing only
+    from faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer(model=out)
+    (crop,) = analyzer.face_crops(ROOT / "examples" / "obama.jpg")
+    (tight,) = FaceAnalyzer().face_crops(ROOT / "examples" / "obama.jpg")
+    assert np.abs(np.asarray(crop, dtype=float) - np.asarray(tight, dtype=float)).mean() > 20
+    (face,) = analyzer.analyze(ROOT / "examples" / "obama.jpg").faces
+    assert 0 <= face.age <= 116
+
+
 def test_dlib_gender_teacher_reads_women_and_men_from_the_example_crops(tmp_path):
     """dlib's classifier from the wheel, on the app's crops of Obama and of Eileen Collins: the teacher is read as
     its manifest says (channel order, means, classes female/male), flipped to this project's order."""

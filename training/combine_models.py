@@ -7,8 +7,10 @@ Two networks of different origin (one fine-tuned from an earlier model, one trai
 different faces: averaged, they read real faces better than one network reading each face and its mirror image,
 at the same cost (docs/experiments.md). The result is one model folder (`ensemble_size` networks in one safetensors file,
 one ONNX graph once exported) that loads and runs like any other. The networks must share their architecture and
-their image processor. The calibration (gender temperature, age interval) is the first model's until
-`eval_model.py --calibrate` makes it again for the averaged logits, which are surer than either network's.
+their image processor's settings but for the framing: a network trained on faces framed wider (`train.py
+--face_zoom`) keeps reading its framing, cut out of the combined model's input, which is framed at the widest.
+The calibration (gender temperature, age interval) is the first model's until `eval_model.py --calibrate` makes
+it again for the averaged logits, which are surer than either network's.
 """
 
 from __future__ import annotations
@@ -47,12 +49,30 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
     names = names or [f"model {i + 1}" for i in range(len(models))]
     check_same_architecture([model.config for model in models], names)
     sources = [network for model in models for network in model.networks()]
-    config = AgeGenderConfig.from_dict({**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average})
+    zooms = [zoom for model in models for zoom in model.config.network_zooms]
+    config = AgeGenderConfig.from_dict(
+        {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms}
+    )
     combined = AgeGenderModel(config).eval()
     for target, source in zip(combined.networks(), sources):
         for part in ("backbone", "age_head", "gender_head"):
             getattr(target, part).load_state_dict(getattr(source, part).state_dict())
     return combined
+
+
+FRAMING_FIELDS = ("image_size", "face_zoom")
+
+
+def combined_processor(processors: list[AgeGenderImageProcessor], names: list[str], combined: AgeGenderModel) -> AgeGenderImageProcessor:
+    """The combined model's image processor: the members' settings, which must agree but for the framing, at the
+    combined model's input framing and size. Raise a ValueError naming a member whose faces are prepared otherwise."""
+    def settings(processor: AgeGenderImageProcessor) -> dict:
+        return {k: v for k, v in processor.to_dict().items() if k not in FRAMING_FIELDS}
+
+    for name, processor in zip(names[1:], processors[1:]):
+        if settings(processor) != settings(processors[0]):
+            raise ValueError(f"{name} prepares faces differently from {names[0]} (its preprocessor_config.json); they cannot share one input")
+    return AgeGenderImageProcessor(**{**settings(processors[0]), "image_size": combined.config.input_size, "face_zoom": combined.config.input_zoom})
 
 
 def combined_metrics(folders: list[str], combined: AgeGenderModel, command: str) -> dict:
@@ -86,15 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(folder, "config.json").is_file():
             raise SystemExit(f"error: {folder} is not a model folder (no config.json); give folders a training run saved")
     processors = [AgeGenderImageProcessor.from_pretrained(folder) for folder in args.models]
-    for folder, processor in zip(args.models[1:], processors[1:]):
-        if processor.to_dict() != processors[0].to_dict():
-            raise SystemExit(f"error: {folder} prepares faces differently from {args.models[0]} (its preprocessor_config.json); they cannot share one input")
     try:
         combined = combine_models([AgeGenderModel.from_pretrained(folder) for folder in args.models], args.models, args.flip_average)
+        processor = combined_processor(processors, args.models, combined)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     combined.save_pretrained(args.output_dir)
-    processors[0].save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
     command = " ".join(["python -m training.combine_models", args.output_dir, *args.models, *(["--flip_average"] if args.flip_average else [])])
     metrics = combined_metrics(args.models, combined, command)
     Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -365,10 +365,15 @@ def describe_splits(splits: DatasetDict) -> str:
 
 def pixel_cache(dataset: Dataset, processor, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Every image of `dataset` as uint8 `(N, S, S, 3)` through `processor.to_uint8`, computed once and kept
-    as a memory-mapped .npy file keyed by the images' hashes and the processor settings."""
+    as a memory-mapped .npy file keyed by the images' hashes and the processor settings. Each face is first
+    reframed from its own framing (a `zoom` column: real faces cut wider; none: UTKFace's crops, at 1) to the
+    processor's `face_zoom`, so that one set of faces serves models, and teachers, that read other framings."""
+    from faces.alignment import reframe_chip
+
+    chip_zooms = list(dataset["zoom"]) if "zoom" in dataset.column_names else [1.0] * len(dataset)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = hashlib.sha1(
-        json.dumps([processor.image_size, processor.__class__.__name__, list(dataset["sha1"])]).encode()
+        json.dumps([processor.image_size, processor.__class__.__name__, list(dataset["sha1"]), processor.face_zoom, chip_zooms]).encode()
     ).hexdigest()[:20]
     cache_file = cache / "pixels" / f"{key}.npy"
     if cache_file.is_file():
@@ -377,6 +382,7 @@ def pixel_cache(dataset: Dataset, processor, cache_dir: str | os.PathLike | None
     size = processor.image_size
     pixels = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for index, image in enumerate(tqdm(images, desc=f"Caching pixels at {size}px", unit="img", mininterval=1.0)):
-        pixels[index] = processor.to_uint8(image["bytes"] or image["path"])
+        face = processor.load_rgb(image["bytes"] or image["path"])
+        pixels[index] = processor.to_uint8(reframe_chip(face, processor.face_zoom / chip_zooms[index]))
     write_atomically(cache_file, lambda path: np.save(path, pixels))
     return np.load(cache_file, mmap_mode="r")

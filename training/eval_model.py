@@ -110,7 +110,7 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     falls inside the perceived age group's years (`AGE_GROUP_RANGES`)."""
     from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, load_real_faces, size_band
 
-    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False)["validation"]
+    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]
     pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
     age_probs, gender_probs = predict_distributions(model, processor, pixels)
     ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
@@ -188,7 +188,7 @@ def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Te
     """Pixels and genders of the real faces' validation part whose gender is known."""
     from training.real_faces import load_real_faces
 
-    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False)["validation"]
+    faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]
     faces = faces.filter(lambda gender: gender >= 0, input_columns="gender")
     return torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir))), torch.tensor(faces["gender"])
 

@@ -49,7 +49,7 @@ class LogitsOnly(torch.nn.Module):
 
 def export_float(model: AgeGenderModel, path: Path) -> Path:
     """The float32 graph with a dynamic batch dimension (torch's exporter, opset 18)."""
-    size = model.config.image_size
+    size = model.config.input_size
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         LogitsOnly(model.float().eval()).eval(), (torch.zeros(2, 3, size, size),), str(path),
@@ -152,7 +152,7 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
         "utkface_test": (normalised(cached(first(splits["test"]))), np.asarray(first(splits["test"])["age"], dtype=float)),
     }
     if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
-        real = load_real_faces(cache_dir=cache_dir, verbose=False)
+        real = load_real_faces(cache_dir=cache_dir, verbose=False, zoom=processor.face_zoom)
         faces["real_faces_train"] = (normalised(cached(first(real["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))), None)
         faces["real_faces_validation"] = (normalised(cached(first(real["validation"]))), None)
     if DEFAULT_WIDER_DEV.is_dir():  # the faces the app finds in wider-dev's real photos: checked, never calibrated on

@@ -90,10 +90,10 @@ config = json.load(open(f"{folder}/config.json"))
 preprocessing = json.load(open(f"{folder}/preprocessor_config.json"))
 onnx_model = onnxruntime.InferenceSession(f"{folder}/onnx/model.onnx", providers=["CPUExecutionProvider"])
 
-face = Image.open("face.jpg").convert("RGB")  # an aligned face crop, framed like UTKFace's
+face = Image.open("face.jpg").convert("RGB")  # an aligned face crop, framed as face_zoom says (1: like UTKFace's)
 side = min(face.size)
 left, top = (face.width - side) // 2, (face.height - side) // 2
-face = face.crop((left, top, left + side, top + side)).resize((config["image_size"],) * 2, Image.BILINEAR)
+face = face.crop((left, top, left + side, top + side)).resize((preprocessing["image_size"],) * 2, Image.BILINEAR)
 pixels = (np.asarray(face, np.float32) / 255 - preprocessing["image_mean"]) / preprocessing["image_std"]
 age_logits, gender_logits = onnx_model.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})
 
@@ -156,8 +156,27 @@ def breakdown_text(breakdown: dict | None) -> str:
     return "\n".join(lines)
 
 
+def framing_note(config: dict) -> str:
+    """How the faces the networks read are framed: UTKFace's framing says nothing; a wider one (`network_zooms`,
+    `train.py --face_zoom`) is named, since face crops given to the model must then be cut that wide."""
+    zooms = config.get("network_zooms") or [1.0]
+    if max(zooms) == 1:
+        return ""
+    said = ", ".join(f"{zoom:g}" for zoom in zooms)
+    return (
+        f" Faces are framed {max(zooms):g} times wider than UTKFace's crops about the face's centre (`face_zoom` in "
+        f"preprocessor_config.json; the app's aligner cuts them so); its networks read framings {said} out of that."
+    )
+
+
 def reading_note(config: dict) -> str:
-    """How the model reads a face: once or beside its mirror image, by one network or several averaged."""
+    """How the model reads a face: once or beside its mirror image, by one network or several averaged, and at
+    which framing."""
+    return mirror_note(config) + framing_note(config)
+
+
+def mirror_note(config: dict) -> str:
+    """The once-or-mirrored part of `reading_note`."""
     networks = config.get("ensemble_size", 1)
     readers = f"each of its {networks} networks (`ensemble_size`), their logits averaged" if networks > 1 else "the network"
     if config.get("flip_average"):
@@ -217,7 +236,7 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         template_str=TEMPLATE,
         backbone=config["backbone"],
         parameters=f"{results['parameters']:,}",
-        image_size=config["image_size"],
+        image_size=round(config["image_size"] * max(config.get("network_zooms") or [1.0])),
         min_age=config["min_age"],
         max_age=config["max_age"],
         coverage=f"{config['age_interval_coverage']:.0%}",

@@ -7,13 +7,14 @@ Two sources, read at run time from `../shared/datasets` and never copied into th
 
 Each region or photo goes through the app's own detector and aligner (`faces.search.detect_in_photo`, then
 `faces.alignment.align_face`): the detection that overlaps the labelled box with IoU >= `MATCH_IOU` (WIDER) or
-the one nearest the centre (LFW) is aligned into a UTKFace-framed chip. A face the detector does not find, and
+the one nearest the centre (LFW) is aligned into a UTKFace-framed chip, or a wider one (`zoom`, as the image
+processor's `face_zoom`). A face the detector does not find, and
 a file that cannot be read, are counted and named in the report, never dropped silently: they are what the app
 would not label either.
 
 Splits keep one photo's faces (WIDER) and one person's photos (LFW) on one side: a row's split comes from a
 hash of its `group` (the WIDER photo, the LFW person). The chips are cached as a Dataset on disk (keyed by the
-source folder and the photo search's settings), so only the first call pays for detection (a few minutes).
+source folder, the framing and the photo search's settings), so only the first call pays for detection (a few minutes).
 
     python -m training.real_faces --wider ../shared/datasets/wider-faces --lfw ../shared/datasets/lfw-gender
 """
@@ -54,7 +55,7 @@ FACE_SIZE_BANDS = ((0, 32, "under 32 px"), (32, 64, "32-63 px"), (64, 128, "64-1
 # annotators' disagreement, because the model reads older faces young (UTKFace MAE 7-9 years from 50 on), and
 # Senior reaches the oldest age the model predicts.
 AGE_GROUP_RANGES = [[13, 42], [22, 53], [35, 70], [52, 116]]
-REAL_FACES_CACHE_VERSION = 1
+REAL_FACES_CACHE_VERSION = 2
 CHIP_QUALITY = 95  # JPEG quality of the cached 200 px chips: what the model then reads at 64 px is unchanged by it
 
 FEATURES = Features(
@@ -73,6 +74,7 @@ FEATURES = Features(
         "group": Value("string"),  # what must stay on one side of a split: the WIDER photo, the LFW person
         "file_name": Value("string"),
         "sha1": Value("string"),  # of the cached chip's bytes, which keys pixel caches as for UTKFace
+        "zoom": Value("float32"),  # the chip's framing (`faces.alignment.align_face`); UTKFace's crops are at 1
     }
 )
 
@@ -143,9 +145,9 @@ def pick_detection(detections: list, box: np.ndarray | None, size: tuple[int, in
     return best if box_iou(best.box, box) >= MATCH_IOU else None
 
 
-def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: ScanReport) -> list[dict]:
-    """Detect, match and align every region; each result is a row of `FEATURES`, each failure a line of the
-    report."""
+def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: ScanReport, zoom: float = 1.0) -> list[dict]:
+    """Detect, match and align every region at the framing `zoom`; each result is a row of `FEATURES`, each
+    failure a line of the report."""
     from faces.alignment import align_face
     from faces.detection import RetinaFaceDetector
     from faces.search import detect_in_photo
@@ -165,10 +167,10 @@ def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: Sc
             report.skip("the detector finds no face there" if region.box is None else "no detection matches the labelled box", name)
             continue
         buffer = io.BytesIO()
-        align_face(image, detection.landmarks).save(buffer, format="JPEG", quality=CHIP_QUALITY)
+        align_face(image, detection.landmarks, zoom=zoom).save(buffer, format="JPEG", quality=CHIP_QUALITY)
         chip = buffer.getvalue()
         rows.append({"image": {"bytes": chip, "path": None}, "age": -1, **region.labels, "source": source,
-                     "file_name": name, "sha1": hashlib.sha1(chip).hexdigest()})
+                     "file_name": name, "sha1": hashlib.sha1(chip).hexdigest(), "zoom": zoom})
     report.kept = len(rows)
     return rows
 
@@ -176,9 +178,9 @@ def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: Sc
 READERS = {"wider-faces": read_wider_faces, "lfw-gender": read_lfw_gender}
 
 
-def load_source(source: str, root: str | Path, cache_dir: str | Path | None = None) -> tuple[Dataset, ScanReport]:
-    """One source's chips as a Dataset (columns `FEATURES`) and the report of what could not be used, built once
-    and then read from the cache."""
+def load_source(source: str, root: str | Path, cache_dir: str | Path | None = None, zoom: float = 1.0) -> tuple[Dataset, ScanReport]:
+    """One source's chips at the framing `zoom` as a Dataset (columns `FEATURES`) and the report of what could
+    not be used, built once and then read from the cache."""
     from faces.detection import DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
     from faces.search import PHOTO_SEARCH_VERSION
 
@@ -186,13 +188,13 @@ def load_source(source: str, root: str | Path, cache_dir: str | Path | None = No
     index = root / ("faces.csv" if source == "wider-faces" else "labels.csv")
     if not index.is_file():
         raise FileNotFoundError(f"no {source} at {root}: {index.name} is missing (see ../shared/datasets/README.md)")
-    settings = f"{folder_fingerprint(root)}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}|{REAL_FACES_CACHE_VERSION}"
+    settings = f"{folder_fingerprint(root)}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}|{REAL_FACES_CACHE_VERSION}|{zoom}"
     target = Path(cache_dir or default_cache_dir()) / "real-faces" / f"{source}-{hashlib.sha1(settings.encode()).hexdigest()[:16]}"
     report_file = target / "report.json"
     if report_file.is_file():
         return load_from_disk(str(target / "dataset")), ScanReport(**json.loads(report_file.read_text()))
     report = ScanReport()
-    rows = chip_rows(READERS[source](root), root, source, report)
+    rows = chip_rows(READERS[source](root), root, source, report, zoom)
     if not rows:
         raise ValueError(f"no usable faces in {root}:\n{report.summary()}")
     dataset = Dataset.from_list(rows, features=FEATURES)
@@ -229,16 +231,18 @@ def load_real_faces(
     cache_dir: str | Path | None = None,
     validation_share: float = 0.15,
     verbose: bool = True,
+    zoom: float = 1.0,
 ) -> DatasetDict:
-    """The real faces of the given sources (None or "" leaves one out) as a DatasetDict with `train` and
-    `validation`, split by photo (WIDER) and by person (LFW). Prints what each source could not use."""
+    """The real faces of the given sources (None or "" leaves one out), cut at the framing `zoom`, as a
+    DatasetDict with `train` and `validation`, split by photo (WIDER) and by person (LFW). Prints what each source
+    could not use."""
     if not 0 < validation_share < 1:
         raise ValueError(f"validation_share must lie between 0 and 1, got {validation_share}")
     parts = []
     for source, root in zip(SOURCES, (wider_faces, lfw_gender)):
         if not root:
             continue
-        dataset, report = load_source(source, root, cache_dir)
+        dataset, report = load_source(source, root, cache_dir, float(zoom))
         if verbose:
             print(f"{source} ({root}): {report.summary().replace('images', 'faces', 1)}")
         parts.append(dataset)
@@ -279,9 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wider", default=str(DEFAULT_WIDER_FACES), help="wider-faces folder ('' leaves it out).")
     parser.add_argument("--lfw", default=str(DEFAULT_LFW_GENDER), help="lfw-gender folder ('' leaves it out).")
     parser.add_argument("--cache_dir", default=None, help="Where the chips are cached (default ~/.cache/age_gender).")
+    parser.add_argument("--zoom", type=float, default=1.0, help="The chips' framing: 1 is UTKFace's, above 1 wider (as train.py --face_zoom).")
     args = parser.parse_args(argv)
+    if not args.zoom >= 1:
+        parser.error(f"--zoom must be 1 or more, got {args.zoom}")
     try:
-        splits = load_real_faces(args.wider, args.lfw, args.cache_dir)
+        splits = load_real_faces(args.wider, args.lfw, args.cache_dir, zoom=args.zoom)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
     print(summary(splits))

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (default: the preset's).")
     model.add_argument(
+        "--face_zoom", type=float, default=None,
+        help="Read each face framed this many times wider than UTKFace's crops (1: theirs; 1.3125 shows hair, ears and neck): "
+        "real faces are cut at it, UTKFace's crops are widened with their edge repeated (config network_zooms). Default: "
+        "--init_from's framing, else 1.",
+    )
+    model.add_argument(
         "--distill_from", nargs="+", default=None, metavar="MODEL_DIR",
         help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
@@ -158,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--real_faces_repeat must be at least 1")
     if args.gender_teacher and not args.distill_from:
         parser.error("--gender_teacher joins the teachers of --distill_from: give those too (for instance --distill_from model)")
+    if args.face_zoom is not None and args.face_zoom < 1:
+        parser.error(f"--face_zoom must be 1 or more, got {args.face_zoom}")
     if args.descriptor_weight > 0 and (args.wider_faces or args.lfw_gender):
         parser.error("--descriptor_weight is computed on UTKFace faces only; leave it out when training on real faces")
     return args
@@ -182,6 +190,8 @@ def build_config(args: argparse.Namespace) -> AgeGenderConfig:
     }
     if args.image_size:
         overrides["image_size"] = args.image_size
+    if args.face_zoom:
+        overrides["network_zooms"] = [args.face_zoom]
     if args.config:
         return AgeGenderConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
     return AgeGenderConfig.from_preset(args.preset, **overrides)
@@ -335,7 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     threads = use_the_cores(accelerator, args.num_threads)
 
     config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
-    processor = AgeGenderImageProcessor(image_size=config.image_size)
+    if args.init_from and args.face_zoom:
+        config.network_zooms = [args.face_zoom] * config.ensemble_size
+    processor = AgeGenderImageProcessor(image_size=config.input_size, face_zoom=config.input_zoom)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     with accelerator.main_process_first():
         splits = load_utkface(args.data, args.cache_dir, tuple(args.split_ratios), verbose=accelerator.is_main_process)
@@ -346,7 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
         real_splits = None
         if args.wider_faces or args.lfw_gender:
             try:
-                real_splits = load_real_faces(args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process)
+                real_splits = load_real_faces(
+                    args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process, zoom=config.input_zoom
+                )
             except (FileNotFoundError, ValueError) as error:
                 raise SystemExit(f"error: {error}") from error
             sources.append(subset(real_splits["train"], args.max_train_samples))
@@ -380,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     if real_faces is not None:
         accelerator.print(f"real-photo check: {len(real_faces[1])} faces with a perceived gender found in {args.real_photos}")
 
-    model = (AgeGenderModel.from_pretrained(args.init_from) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
+    model = (AgeGenderModel.from_pretrained(args.init_from, config=config) if args.init_from else AgeGenderModel(config)).to(memory_format=torch.channels_last)
     model.config.gender_class_weights = balanced_class_weights(train_set.tensors[2]) if args.gender_class_weights == "balanced" else None
     model.config.flip_average = model.config.flip_average or args.flip_tta
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(
         f"device {accelerator.device} x{accelerator.num_processes} ({threads} threads), precision {accelerator.mixed_precision}, "
         f"train/val/test {len(train_set)}/{len(val_set)}/{len(test_set)}, {parameters:,} parameters, "
-        f"{config.image_size}px, {args.epochs} epochs of {steps_per_epoch} steps"
+        f"{config.input_size}px faces framed x{config.input_zoom}, {args.epochs} epochs of {steps_per_epoch} steps"
     )
     if args.report_to:
         accelerator.init_trackers("age_gender", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})

@@ -102,7 +102,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     from training.data import default_cache_dir, write_atomically
 
     root = Path(root).resolve()
-    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}"
+    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{processor.face_zoom}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}"
     key = hashlib.sha1(settings.encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
@@ -130,6 +130,6 @@ def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarra
         matches = match_faces(photo.boxes, np.asarray([d.box for d in detections]).reshape(-1, 4))
         for i in wanted:
             if i in matches:
-                pixels.append(processor.to_uint8(align_face(image, detections[matches[i]].landmarks)))
+                pixels.append(processor.to_uint8(align_face(image, detections[matches[i]].landmarks, zoom=processor.face_zoom)))
                 genders.append(1 if photo.genders[i] == "female" else 0)
     return np.stack(pixels), np.asarray(genders)
