@@ -314,8 +314,9 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         if mirrored:  # each face beside its mirror image, averaged below
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         pixel_values = pixel_values.to(dtype=self.dtype)
-        views = [framed_view(pixel_values, zoom / self.config.input_zoom, self.config.image_size) for zoom in self.config.network_zooms]
-        features, age_logits, gender_logits = zip(*(read_faces(network, view) for network, view in zip(self.networks(), views)))
+        zooms = self.config.network_zooms
+        views = {zoom: framed_view(pixel_values, zoom / self.config.input_zoom, self.config.image_size) for zoom in set(zooms)}
+        features, age_logits, gender_logits = zip(*(read_faces(network, views[zoom]) for network, zoom in zip(self.networks(), zooms)))
         features = torch.cat(features, dim=-1)
         age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
         if mirrored:

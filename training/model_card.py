@@ -8,6 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling import AgeGenderConfig
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -156,27 +158,20 @@ def breakdown_text(breakdown: dict | None) -> str:
     return "\n".join(lines)
 
 
-def framing_note(config: dict) -> str:
+def framing_note(config: AgeGenderConfig) -> str:
     """How the faces the networks read are framed: UTKFace's framing says nothing; a wider one (`network_zooms`,
     `train.py --face_zoom`) is named, since face crops given to the model must then be cut that wide."""
-    zooms = config.get("network_zooms") or [1.0]
-    if max(zooms) == 1:
+    if config.input_zoom == 1:
         return ""
-    said = ", ".join(f"{zoom:g}" for zoom in zooms)
+    said = ", ".join(f"{zoom:g}" for zoom in config.network_zooms)
     return (
-        f" Faces are framed {max(zooms):g} times wider than UTKFace's crops about the face's centre (`face_zoom` in "
+        f" Faces are framed {config.input_zoom:g} times wider than UTKFace's crops about the face's centre (`face_zoom` in "
         f"preprocessor_config.json; the app's aligner cuts them so); its networks read framings {said} out of that."
     )
 
 
 def reading_note(config: dict) -> str:
-    """How the model reads a face: once or beside its mirror image, by one network or several averaged, and at
-    which framing."""
-    return mirror_note(config) + framing_note(config)
-
-
-def mirror_note(config: dict) -> str:
-    """The once-or-mirrored part of `reading_note`."""
+    """How the model reads a face: once or beside its mirror image, by one network or several averaged."""
     networks = config.get("ensemble_size", 1)
     readers = f"each of its {networks} networks (`ensemble_size`), their logits averaged" if networks > 1 else "the network"
     if config.get("flip_average"):
@@ -191,6 +186,7 @@ def mirror_note(config: dict) -> str:
 
 def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace | None = None, breakdown: dict | None = None) -> Path:
     config = json.loads((output_dir / "config.json").read_text())
+    model_config = AgeGenderConfig.from_dict(config)
     test = results["test"]
     command = results.get("command", "")
     sources = data_sources(results)
@@ -236,7 +232,7 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         template_str=TEMPLATE,
         backbone=config["backbone"],
         parameters=f"{results['parameters']:,}",
-        image_size=round(config["image_size"] * max(config.get("network_zooms") or [1.0])),
+        image_size=model_config.input_size,
         min_age=config["min_age"],
         max_age=config["max_age"],
         coverage=f"{config['age_interval_coverage']:.0%}",
@@ -247,7 +243,7 @@ def write_model_card(output_dir: Path, results: dict, args: argparse.Namespace |
         f"UTKFace's {results['validation']['count']} validation and {test['count']} test images after the duplicate policy of "
         "`training/data.py` (splits by a hash of each file's bytes; real faces split by photo and by person).",
         gender_temperature=config.get("gender_temperature", 1.0),
-        flip_note=reading_note(config),
+        flip_note=reading_note(config) + framing_note(model_config),
         onnx_snippet=ONNX_SNIPPET,
         command=command + (f"\n# weights of epoch {results.get('best_epoch')} of {len(history)}" if history else "") + "".join(
             f"\n# network {i} ({network['model']}, weights of epoch {network.get('best_epoch')}):\n{network.get('command') or 'no training command recorded'}"

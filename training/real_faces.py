@@ -8,13 +8,13 @@ Two sources, read at run time from `../shared/datasets` and never copied into th
 Each region or photo goes through the app's own detector and aligner (`faces.search.detect_in_photo`, then
 `faces.alignment.align_face`): the detection that overlaps the labelled box with IoU >= `MATCH_IOU` (WIDER) or
 the one nearest the centre (LFW) is aligned into a UTKFace-framed chip, or a wider one (`zoom`, as the image
-processor's `face_zoom`). A face the detector does not find, and
-a file that cannot be read, are counted and named in the report, never dropped silently: they are what the app
-would not label either.
+processor's `face_zoom`). A face the detector does not find, and a file that cannot be read, are counted and named
+in the report, never dropped silently: they are what the app would not label either.
 
 Splits keep one photo's faces (WIDER) and one person's photos (LFW) on one side: a row's split comes from a
 hash of its `group` (the WIDER photo, the LFW person). The chips are cached as a Dataset on disk (keyed by the
-source folder, the framing and the photo search's settings), so only the first call pays for detection (a few minutes).
+source folder, the framing and the photo search's settings), so only the first call pays for detection (a few
+minutes).
 
     python -m training.real_faces --wider ../shared/datasets/wider-faces --lfw ../shared/datasets/lfw-gender
 """
