@@ -118,6 +118,11 @@ class AgeGenderConfig(PretrainedConfig):
             about its centre, with hair, ears and neck in view, where a person reads what the tight chip cuts off.
             The model's input is framed at the widest of them, at `input_size`; each network reads its own framing
             out of it (the centre, resized to `image_size`). None: every network reads UTKFace's framing.
+        network_read_sizes (`list[int]`, *optional*):
+            Side in pixels at which each network reads its framing (one per network). None: `image_size` each, a
+            wider framing shrunk to it, so that the face fills fewer pixels than in UTKFace's. `round(image_size *
+            zoom)` reads a wider framing at the tight chip's scale instead (`train.py --native_framing`): the face
+            keeps every pixel and the network costs about `zoom` squared as much.
     """
 
     model_type = "age_gender_cnn"
@@ -149,6 +154,7 @@ class AgeGenderConfig(PretrainedConfig):
         flip_average: bool = False,
         ensemble_size: int = 1,
         network_zooms: list[float] | None = None,
+        network_read_sizes: list[int] | None = None,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -198,6 +204,10 @@ class AgeGenderConfig(PretrainedConfig):
         if len(network_zooms) != self.ensemble_size or min(network_zooms) < 1:
             raise ValueError(f"network_zooms needs one zoom of 1 or more per network ({self.ensemble_size}), got {network_zooms}")
         self.network_zooms = network_zooms
+        network_read_sizes = [self.image_size] * self.ensemble_size if network_read_sizes is None else [int(n) for n in network_read_sizes]
+        if len(network_read_sizes) != self.ensemble_size or min(network_read_sizes) < 1:
+            raise ValueError(f"network_read_sizes needs one positive size per network ({self.ensemble_size}), got {network_read_sizes}")
+        self.network_read_sizes = network_read_sizes
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)

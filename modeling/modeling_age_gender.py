@@ -314,9 +314,9 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         if mirrored:  # each face beside its mirror image, averaged below
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         pixel_values = pixel_values.to(dtype=self.dtype)
-        zooms = self.config.network_zooms
-        views = {zoom: framed_view(pixel_values, zoom / self.config.input_zoom, self.config.image_size) for zoom in set(zooms)}
-        features, age_logits, gender_logits = zip(*(read_faces(network, views[zoom]) for network, zoom in zip(self.networks(), zooms)))
+        readings = list(zip(self.config.network_zooms, self.config.network_read_sizes))
+        views = {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in set(readings)}
+        features, age_logits, gender_logits = zip(*(read_faces(network, views[reading]) for network, reading in zip(self.networks(), readings)))
         features = torch.cat(features, dim=-1)
         age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
         if mirrored:

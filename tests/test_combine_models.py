@@ -12,9 +12,10 @@ import torch
 
 from conftest import ROOT, face_like, require_shipped_model
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+from modeling.modeling_age_gender import read_faces
 from training.combine_models import combine_models, combined_processor
 from training.export_onnx import export_float
-from training.model_card import reading_note, write_model_card
+from training.model_card import framing_note, reading_note, write_model_card
 
 
 def jittered(seed: int, **overrides) -> AgeGenderModel:
@@ -68,6 +69,30 @@ def test_networks_of_other_framings_read_their_own_out_of_the_widest(tmp_path):
         combined_processor([processors[0], AgeGenderImageProcessor(image_size=42, face_zoom=1.3125, image_std=[0.2] * 3)], ["tight", "wide"], combined)
     with pytest.raises(ValueError, match=r"network_zooms needs one zoom of 1 or more per network \(1\), got \[0.8\]"):
         AgeGenderConfig(network_zooms=[0.8])
+
+
+def test_a_network_reads_a_wider_framing_at_full_scale_when_asked(tmp_path):
+    """`network_read_sizes`: a network that reads its 1.3125 framing at 42 px (32 x 1.3125) sees the model's input
+    as it is, where one that reads it shrunk sees 32 px; beside a tight network, each reads its own view of one
+    input, and the pair exports to ONNX exactly."""
+    native = jittered(1, network_zooms=[1.3125], network_read_sizes=[42])
+    shrunk = jittered(1, network_zooms=[1.3125])
+    assert (native.config.input_size, shrunk.config.network_read_sizes) == (42, [32])
+    pixels = torch.rand(3, 3, 42, 42) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits(native, pixels)[1], read_faces(native, pixels.contiguous(memory_format=torch.channels_last))[2])
+    assert not torch.allclose(logits(native, pixels)[1], logits(shrunk, pixels)[1])
+    tight = jittered(0)
+    combined = combine_models([tight, native])
+    assert combined.config.network_read_sizes == [32, 42] and combined.config.input_size == 42
+    assert "read framings 1 at 32 px, 1.3125 at 42 px" in framing_note(combined.config)
+    for mixed, a, b in zip(logits(combined, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(native, pixels)):
+        torch.testing.assert_close(mixed, (a + b) / 2)
+    session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(gender), logits(combined, pixels)[1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"network_read_sizes needs one positive size per network \(2\), got \[42\]"):
+        AgeGenderConfig(ensemble_size=2, network_read_sizes=[42])
 
 
 def test_an_ensemble_trains_as_one_model():

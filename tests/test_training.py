@@ -314,7 +314,7 @@ def test_missing_dataset_names_what_was_expected(tmp_path):
     "extra, message",
     [(["--epochs", "0"], "must be positive"), (["--num_threads", "0"], "--num_threads must be positive"), (["--push_to_hub"], "--hub_model_id"),
      (["--cut_off_probability", "1.5"], "between 0 and 1"), (["--gender_teacher", "x.whl"], "--distill_from"),
-     (["--wider_faces", "w", "--descriptor_weight", "1"], "UTKFace faces only")],
+     (["--wider_faces", "w", "--descriptor_weight", "1"], "UTKFace faces only"), (["--native_framing"], "--face_zoom")],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
     from training.train import parse_args
@@ -430,10 +430,12 @@ def test_a_run_on_real_faces_uses_their_labels_and_both_teachers(training_data, 
     assert (cache / "real-faces").is_dir()
 
 
-def test_a_run_at_a_wider_framing_cuts_real_faces_at_it_and_widens_utkface(training_data, finished_run, tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["shrunk", "native"])
+def test_a_run_at_a_wider_framing_cuts_real_faces_at_it_and_widens_utkface(training_data, finished_run, tmp_path, native):
     """`--face_zoom 1.3125` from a model trained at UTKFace's framing: the real faces are cut 1.3125 times wider,
     UTKFace's crops are widened with their edge repeated, the teacher reads its own framing, and the saved model
-    and processor carry the framing (42 px for a 32 px network), which the app's aligner then cuts faces at."""
+    and processor carry the framing (42 px for a 32 px network), which the app's aligner then cuts faces at. The
+    network reads the 42 px shrunk to its 32, or as they are with `--native_framing`."""
     from conftest import write_lfw_folder, write_wider_folder
     from training.real_faces import load_real_faces
     from training.train import main
@@ -441,10 +443,12 @@ def test_a_run_at_a_wider_framing_cuts_real_faces_at_it_and_widens_utkface(train
     wider, lfw = write_wider_folder(tmp_path / "wider-faces"), write_lfw_folder(tmp_path / "lfw-gender")
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = ["--data", str(training_data), "--cache_dir", str(cache), *QUICK, "--epochs", "1", "--output_dir", str(out)]
-    main([*args, "--wider_faces", str(wider), "--lfw_gender", str(lfw), "--init_from", str(finished_run), "--face_zoom", "1.3125", "--distill_from", str(finished_run)])
+    main([*args, "--wider_faces", str(wider), "--lfw_gender", str(lfw), "--init_from", str(finished_run), "--face_zoom", "1.3125", "--distill_from", str(finished_run)]
+         + ["--native_framing"] * native)
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert (processor["image_size"], processor["face_zoom"]) == (42, 1.3125)
-    assert json.loads((out / "config.json").read_text())["network_zooms"] == [1.3125]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["network_zooms"], config["network_read_sizes"]) == ([1.3125], [42 if native else 32])
     assert set(load_real_faces(wider, lfw, cache, verbose=False, zoom=1.3125)["train"]["zoom"]) == {1.3125}
     assert len(list((cache / "real-faces").iterdir())) == 2  # one source each, at this framing only
     from faces import FaceAnalyzer

@@ -50,8 +50,10 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
     check_same_architecture([model.config for model in models], names)
     sources = [network for model in models for network in model.networks()]
     zooms = [zoom for model in models for zoom in model.config.network_zooms]
+    read_sizes = [size for model in models for size in model.config.network_read_sizes]
     config = AgeGenderConfig.from_dict(
-        {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms}
+        {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms,
+         "network_read_sizes": read_sizes}
     )
     combined = AgeGenderModel(config).eval()
     for target, source in zip(combined.networks(), sources):

@@ -163,7 +163,7 @@ def framing_note(config: AgeGenderConfig) -> str:
     `train.py --face_zoom`) is named, since face crops given to the model must then be cut that wide."""
     if config.input_zoom == 1:
         return ""
-    said = ", ".join(f"{zoom:g}" for zoom in config.network_zooms)
+    said = ", ".join(f"{zoom:g} at {size} px" for zoom, size in zip(config.network_zooms, config.network_read_sizes))
     return (
         f" Faces are framed {config.input_zoom:g} times wider than UTKFace's crops about the face's centre (`face_zoom` in "
         f"preprocessor_config.json; the app's aligner cuts them so); its networks read framings {said} out of that."

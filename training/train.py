@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init_from's framing, else 1.",
     )
     model.add_argument(
+        "--native_framing", action="store_true",
+        help="Read a --face_zoom framing at the tight chip's scale (84 px for 64 px at 1.3125: the face keeps every pixel, "
+        "at about zoom squared the cost) rather than shrunk to --image_size (config network_read_sizes).",
+    )
+    model.add_argument(
         "--distill_from", nargs="+", default=None, metavar="MODEL_DIR",
         help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
@@ -166,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--gender_teacher joins the teachers of --distill_from: give those too (for instance --distill_from model)")
     if args.face_zoom is not None and args.face_zoom < 1:
         parser.error(f"--face_zoom must be 1 or more, got {args.face_zoom}")
+    if args.native_framing and not args.face_zoom:
+        parser.error("--native_framing reads a wider framing at full scale: give the framing with --face_zoom")
     if args.descriptor_weight > 0 and (args.wider_faces or args.lfw_gender):
         parser.error("--descriptor_weight is computed on UTKFace faces only; leave it out when training on real faces")
     return args
@@ -347,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
     if args.init_from and args.face_zoom:
         config.network_zooms = [args.face_zoom] * config.ensemble_size
+    if args.native_framing:  # each network reads its framing at the pixel scale of UTKFace's at image_size
+        config.network_read_sizes = [round(config.image_size * zoom) for zoom in config.network_zooms]
     processor = AgeGenderImageProcessor(image_size=config.input_size, face_zoom=config.input_zoom)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     with accelerator.main_process_first():
