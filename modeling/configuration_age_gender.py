@@ -117,7 +117,7 @@ class AgeGenderConfig(PretrainedConfig):
             The framing each network reads (one per network): 1.0 is UTKFace's, 1.3125 a face 1.3125 times wider
             about its centre, with hair, ears and neck in view, where a person reads what the tight chip cuts off.
             The model's input is framed at the widest of them, at `input_size`; each network reads its own framing
-            out of it (the centre, resized to `image_size`). None: every network reads UTKFace's framing.
+            out of it (the centre, at its `network_read_sizes`). None: every network reads UTKFace's framing.
         network_read_sizes (`list[int]`, *optional*):
             Side in pixels at which each network reads its framing (one per network). None: `image_size` each, a
             wider framing shrunk to it, so that the face fills fewer pixels than in UTKFace's. `round(image_size *
