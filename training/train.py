@@ -197,8 +197,6 @@ def build_config(args: argparse.Namespace) -> AgeGenderConfig:
     }
     if args.image_size:
         overrides["image_size"] = args.image_size
-    if args.face_zoom:
-        overrides["network_zooms"] = [args.face_zoom]
     if args.config:
         return AgeGenderConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
     return AgeGenderConfig.from_preset(args.preset, **overrides)
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = use_the_cores(accelerator, args.num_threads)
 
     config = AgeGenderConfig.from_pretrained(args.init_from) if args.init_from else build_config(args)
-    if args.init_from and args.face_zoom:
+    if args.face_zoom:  # from scratch or over --init_from's framing
         config.network_zooms = [args.face_zoom] * config.ensemble_size
     if args.native_framing:  # each network reads its framing at the pixel scale of UTKFace's at image_size
         config.network_read_sizes = [round(config.image_size * zoom) for zoom in config.network_zooms]
