@@ -123,6 +123,14 @@ class AgeGenderConfig(PretrainedConfig):
             wider framing shrunk to it, so that the face fills fewer pixels than in UTKFace's. `round(image_size *
             zoom)` reads a wider framing at the tight chip's scale instead (`train.py --native_framing`): the face
             keeps every pixel and the network costs about `zoom` squared as much.
+        network_hidden_sizes (`list[list[int]]`, *optional*):
+            Channels per stage of each network (one list per network, the first `hidden_sizes`), for an ensemble
+            whose networks differ in width: a network that reads a wider framing at full scale costs about twice
+            a tight one, and narrowed (`training/narrow_model.py`) it costs about as much. None: every network
+            has `hidden_sizes`.
+        network_embedding_sizes (`list[int]`, *optional*):
+            Channels of each network's stem (one per network, the first `embedding_size`), given with
+            `network_hidden_sizes`. None: every network has `embedding_size`.
     """
 
     model_type = "age_gender_cnn"
@@ -155,6 +163,8 @@ class AgeGenderConfig(PretrainedConfig):
         ensemble_size: int = 1,
         network_zooms: list[float] | None = None,
         network_read_sizes: list[int] | None = None,
+        network_hidden_sizes: list[list[int]] | None = None,
+        network_embedding_sizes: list[int] | None = None,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -208,6 +218,9 @@ class AgeGenderConfig(PretrainedConfig):
         if len(network_read_sizes) != self.ensemble_size or min(network_read_sizes) < 1:
             raise ValueError(f"network_read_sizes needs one positive size per network ({self.ensemble_size}), got {network_read_sizes}")
         self.network_read_sizes = network_read_sizes
+        self.network_hidden_sizes, self.network_embedding_sizes = checked_network_widths(
+            network_hidden_sizes, network_embedding_sizes, hidden_sizes, embedding_size, self.ensemble_size
+        )
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)
@@ -216,6 +229,12 @@ class AgeGenderConfig(PretrainedConfig):
     def num_ages(self) -> int:
         """Bins of the age head, one per whole year from `min_age` to `max_age`."""
         return self.max_age - self.min_age + 1
+
+    def network_widths(self, index: int) -> tuple[int, list[int]]:
+        """Stem channels and channels per stage of network `index` (0: the model's own)."""
+        if self.network_hidden_sizes is None:
+            return self.embedding_size, self.hidden_sizes
+        return self.network_embedding_sizes[index], self.network_hidden_sizes[index]
 
     @property
     def input_zoom(self) -> float:
@@ -234,3 +253,24 @@ class AgeGenderConfig(PretrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def checked_network_widths(
+    network_hidden_sizes: list[list[int]] | None, network_embedding_sizes: list[int] | None, hidden_sizes: list[int],
+    embedding_size: int, ensemble_size: int,
+) -> tuple[list[list[int]] | None, list[int] | None]:
+    """Each network's widths as given, checked against the ensemble (one per network, as many stages as
+    `hidden_sizes`, the first network's equal to `hidden_sizes` and `embedding_size`), or None for all alike."""
+    if network_hidden_sizes is None and network_embedding_sizes is None:
+        return None, None
+    if network_hidden_sizes is None or network_embedding_sizes is None:
+        raise ValueError("give network_hidden_sizes and network_embedding_sizes together, or neither")
+    widths = [[int(width) for width in network] for network in network_hidden_sizes]
+    stems = [int(width) for width in network_embedding_sizes]
+    if len(widths) != ensemble_size or len(stems) != ensemble_size:
+        raise ValueError(f"network_hidden_sizes and network_embedding_sizes need one entry per network ({ensemble_size}), got {widths} and {stems}")
+    if any(len(network) != len(hidden_sizes) for network in widths) or min(min(network) for network in widths + [stems]) < 1:
+        raise ValueError(f"each of network_hidden_sizes {widths} needs {len(hidden_sizes)} positive widths, one per stage")
+    if widths[0] != hidden_sizes or stems[0] != embedding_size:
+        raise ValueError(f"the first network's widths ({stems[0]}, {widths[0]}) must be hidden_sizes {hidden_sizes} and embedding_size {embedding_size}")
+    return widths, stems

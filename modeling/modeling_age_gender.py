@@ -34,7 +34,8 @@ class AgeGenderOutput(ModelOutput):
             Logits of the classes in `config.id2label` (0 male, 1 female).
         pooler_output (`torch.FloatTensor` of shape `(batch_size, ensemble_size * hidden_sizes[-1])`):
             The pooled backbone features that the heads read (each network's side by side): a face embedding, and
-            what training's auxiliary targets (`training/descriptors.py`) are predicted from.
+            what training's auxiliary targets (`training/descriptors.py`) are predicted from. With networks of
+            different widths (`network_hidden_sizes`) its width is the sum of their last stages'.
     """
 
     loss: torch.FloatTensor | None = None
@@ -76,10 +77,11 @@ class ResNetBackbone(nn.Sequential):
     """A small ResNet: at 64 px the stem brings faces to 32 px, and four stages to 4 px, then average pooling
     (at 96 px with `downsample_in_first_stage`: 48, then 24 to 3 px)."""
 
-    def __init__(self, config: AgeGenderConfig):
-        layers: list[nn.Module] = [ConvBnAct(config.num_channels, config.embedding_size, stride=2, act=config.hidden_act)]
-        in_channels = config.embedding_size
-        for stage, (width, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
+    def __init__(self, config: AgeGenderConfig, index: int = 0):
+        embedding_size, hidden_sizes = config.network_widths(index)
+        layers: list[nn.Module] = [ConvBnAct(config.num_channels, embedding_size, stride=2, act=config.hidden_act)]
+        in_channels = embedding_size
+        for stage, (width, depth) in enumerate(zip(hidden_sizes, config.depths)):
             for block in range(depth):
                 stride = 2 if block == 0 and (stage > 0 or config.downsample_in_first_stage) else 1
                 layers.append(BasicBlock(in_channels, width, stride, config.hidden_act))
@@ -92,10 +94,10 @@ class ResNetBackbone(nn.Sequential):
 class PlainBackbone(nn.Sequential):
     """The seed notebook's network: unpadded 3x3 convolutions, each followed by 2x2 max-pooling, then flatten."""
 
-    def __init__(self, config: AgeGenderConfig):
+    def __init__(self, config: AgeGenderConfig, index: int = 0):
         layers: list[nn.Module] = []
         in_channels, side = config.num_channels, config.image_size
-        for width in config.hidden_sizes:
+        for width in config.network_widths(index)[1]:
             layers += [nn.Conv2d(in_channels, width, 3), ACT2FN[config.hidden_act], nn.MaxPool2d(2)]
             in_channels, side = width, (side - 2) // 2
         if side < 1:
@@ -117,18 +119,18 @@ class PredictionHead(nn.Sequential):
         super().__init__(*layers)
 
 
-def network_parts(config: AgeGenderConfig) -> tuple[nn.Module, PredictionHead, PredictionHead]:
-    """A backbone of `config` with its age and gender heads: one network of the model."""
-    backbone = ResNetBackbone(config) if config.backbone == "resnet" else PlainBackbone(config)
+def network_parts(config: AgeGenderConfig, index: int = 0) -> tuple[nn.Module, PredictionHead, PredictionHead]:
+    """A backbone of `config` with its age and gender heads: network `index` of the model (0: its own)."""
+    backbone = (ResNetBackbone if config.backbone == "resnet" else PlainBackbone)(config, index)
     return backbone, PredictionHead(backbone.out_features, config.num_ages, config), PredictionHead(backbone.out_features, 2, config)
 
 
 class AgeGenderNetwork(nn.Module):
     """One more network of an ensemble (`config.ensemble_size`), beside the one the model holds itself."""
 
-    def __init__(self, config: AgeGenderConfig):
+    def __init__(self, config: AgeGenderConfig, index: int):
         super().__init__()
-        self.backbone, self.age_head, self.gender_head = network_parts(config)
+        self.backbone, self.age_head, self.gender_head = network_parts(config, index)
 
 
 def read_faces(network: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,7 +285,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         self.backbone, self.age_head, self.gender_head = network_parts(config)
         # An ensemble's other networks. The first keeps the top-level names, so single-network checkpoints load
         # as they are and a combined model's first network is the model it was made from, weight for weight.
-        self.other_networks = nn.ModuleList(AgeGenderNetwork(config) for _ in range(config.ensemble_size - 1))
+        self.other_networks = nn.ModuleList(AgeGenderNetwork(config, index) for index in range(1, config.ensemble_size))
         self.post_init()
 
     def forward(

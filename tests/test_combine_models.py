@@ -119,7 +119,45 @@ def test_an_ensemble_saves_loads_and_combines_again(tmp_path):
         torch.testing.assert_close(mixed, (2 * pair + single) / 3)
 
 
-@pytest.mark.parametrize("overrides, field", [({"hidden_sizes": [16, 32, 64, 128]}, "hidden_sizes"), ({"max_age": 100}, "max_age")])
+def test_networks_of_different_widths_combine_each_keeping_its_own(tmp_path):
+    """A narrow network reading the wider framing at full scale beside a tight one of the shipped widths
+    (`network_hidden_sizes`): each answers as it did alone, after saving and loading and through ONNX, and the
+    model card names the widths."""
+    tight = jittered(0)
+    narrow = jittered(1, hidden_sizes=[16, 32, 64, 128], embedding_size=16, network_zooms=[1.3125], network_read_sizes=[42])
+    combined = combine_models([tight, narrow])
+    assert combined.config.network_hidden_sizes == [[32, 64, 128, 256], [16, 32, 64, 128]]
+    assert combined.config.network_embedding_sizes == [32, 16] and combined.config.hidden_sizes == [32, 64, 128, 256]
+    combined.save_pretrained(tmp_path / "pair")
+    reloaded = AgeGenderModel.from_pretrained(tmp_path / "pair")
+    pixels = torch.rand(3, 3, 42, 42) * 2 - 1
+    for mixed, a, b in zip(logits(reloaded, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(narrow, pixels)):
+        torch.testing.assert_close(mixed, (a + b) / 2)
+    with torch.no_grad():
+        assert reloaded(pixel_values=pixels).pooler_output.shape == (3, 256 + 128)
+    session = ort.InferenceSession(str(export_float(reloaded, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(gender), logits(reloaded, pixels)[1], atol=1e-4, rtol=1e-4)
+    note = reading_note(reloaded.config.to_dict())
+    assert "networks of [32, 64, 128, 256] and [16, 32, 64, 128] channels per stage" in note and "the sum of its networks' costs" in note
+    assert combine_models([tight, jittered(2)]).config.network_hidden_sizes is None  # alike: no per-network widths
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"network_hidden_sizes": [[32, 64, 128, 256], [16, 32, 64, 128]]}, "together, or neither"),
+        ({"network_hidden_sizes": [[32, 64, 128, 256]], "network_embedding_sizes": [32]}, r"one entry per network \(2\)"),
+        ({"network_hidden_sizes": [[32, 64, 128, 256], [16, 32, 64]], "network_embedding_sizes": [32, 16]}, "needs 4 positive widths"),
+        ({"network_hidden_sizes": [[16, 32, 64, 128], [32, 64, 128, 256]], "network_embedding_sizes": [16, 32]}, "first network's widths"),
+    ],
+)
+def test_bad_network_widths_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        AgeGenderConfig(ensemble_size=2, **overrides)
+
+
+@pytest.mark.parametrize("overrides, field", [({"depths": [1, 1, 2, 2]}, "depths"), ({"max_age": 100}, "max_age")])
 def test_networks_of_different_architectures_are_refused_by_name(overrides, field):
     with pytest.raises(ValueError, match=f"model 2 has {field} .* but model 1 has"):
         combine_models([jittered(0), jittered(1, **overrides)])

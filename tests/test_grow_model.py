@@ -1,4 +1,5 @@
-"""Growing the shipped model into a wider or deeper one (training/grow_model.py), as `--init_from` starts."""
+"""Growing the shipped model into a wider or deeper one (training/grow_model.py) and narrowing a model into a cheaper
+one (training/narrow_model.py), as `--init_from` starts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from conftest import ROOT, face_like, require_shipped_model
 from modeling import AgeGenderImageProcessor, AgeGenderModel
 from training.grow_model import grow_model
+from training.narrow_model import narrow_model
+
+NARROW = {"hidden_sizes": [20, 40, 80, 160], "embedding_size": 20}
 
 
 @pytest.fixture(scope="module")
@@ -84,4 +88,58 @@ def test_command_writes_a_model_folder_train_can_start_from(tmp_path, faces, shi
     assert AgeGenderImageProcessor.from_pretrained(out).image_size == shipped.config.image_size
     torch.testing.assert_close(answers(reloaded, faces)[1], answers(shipped, faces)[1])
     missing = subprocess.run([sys.executable, "-m", "training.grow_model", str(tmp_path / "nope"), str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr
+
+
+def test_narrowing_that_keeps_every_channel_keeps_the_answers_exactly(shipped, faces):
+    same = narrow_model(shipped, list(shipped.config.hidden_sizes), shipped.config.embedding_size)
+    for kept, original in zip(answers(same, faces), answers(shipped, faces)):
+        torch.testing.assert_close(kept, original)
+
+
+def test_narrowing_a_grown_model_back_finds_the_original_channels(shipped, faces):
+    """A grown model's new channels are silent (batch norm scale 0); narrowing it back to the shipped widths must
+    drop exactly them, channel for channel, and so give the shipped model's answers again."""
+    grown = grow_model(shipped, hidden_sizes=[40, 80, 160, 320], embedding_size=40).eval()
+    back = narrow_model(grown, list(shipped.config.hidden_sizes), shipped.config.embedding_size)
+    for narrowed, original in zip(answers(back, faces), answers(shipped, faces)):
+        torch.testing.assert_close(narrowed, original)
+
+
+def test_narrowed_model_is_smaller_and_still_reads_faces(shipped, faces):
+    narrow = narrow_model(shipped, **NARROW)
+    assert narrow.config.hidden_sizes == NARROW["hidden_sizes"] and narrow.config.embedding_size == 20
+    assert sum(p.numel() for p in narrow.parameters()) < 0.5 * sum(p.numel() for p in shipped.parameters())
+    age, gender = answers(narrow, faces)
+    assert age.shape == (8, shipped.config.num_ages) and torch.isfinite(gender).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"hidden_sizes": [32, 64, 128, 320], "embedding_size": 32}, "only remove"),
+        ({"hidden_sizes": [20, 40, 80], "embedding_size": 20}, "same length"),
+        ({"hidden_sizes": [20, 40, 80, 160], "embedding_size": 32}, "embedding_size 20"),
+    ],
+)
+def test_narrowing_refuses_widths_it_cannot_make(shipped, overrides, words):
+    with pytest.raises(ValueError, match=words):
+        narrow_model(shipped, **overrides)
+
+
+def test_narrowing_command_writes_a_model_folder_train_can_start_from(tmp_path, shipped, faces):
+    source, out = require_shipped_model(), tmp_path / "narrow"
+    widths = [str(width) for width in NARROW["hidden_sizes"]]
+    done = subprocess.run(
+        [sys.executable, "-m", "training.narrow_model", str(source), str(out), "--hidden_sizes", *widths, "--embedding_size", "20"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert "narrowed model" in done.stdout and str(out) in done.stdout
+    reloaded = AgeGenderModel.from_pretrained(out)
+    assert reloaded.config.hidden_sizes == NARROW["hidden_sizes"]
+    torch.testing.assert_close(answers(reloaded, faces)[1], answers(narrow_model(shipped, **NARROW), faces)[1])
+    missing = subprocess.run(
+        [sys.executable, "-m", "training.narrow_model", str(tmp_path / "nope"), str(out), "--hidden_sizes", *widths, "--embedding_size", "20"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
     assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr

@@ -6,8 +6,8 @@
 Two networks of different origin (one fine-tuned from an earlier model, one trained from scratch) misread
 different faces: averaged, they read real faces better than one network reading each face and its mirror image,
 at the same cost (docs/experiments.md). The result is one model folder (`ensemble_size` networks in one safetensors file,
-one ONNX graph once exported) that loads and runs like any other. The networks must share their architecture and
-their image processor's settings but for the framing: a network trained on faces framed wider (`train.py
+one ONNX graph once exported) that loads and runs like any other. The networks must share their architecture but for their
+widths, and their image processor's settings but for the framing: a network trained on faces framed wider (`train.py
 --face_zoom`) keeps reading its framing, cut out of the combined model's input, which is framed at the widest.
 The calibration (gender temperature, age interval) is the first model's until `eval_model.py --calibrate` makes
 it again for the averaged logits, which are surer than either network's.
@@ -22,10 +22,11 @@ from pathlib import Path
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.model_card import SOURCES
 
-# Config fields that shape a network's weights or its input: the combined networks must agree on all of them.
+# Config fields that shape a network's weights or its input: the combined networks must agree on all of them
+# (each keeps its own widths, `network_hidden_sizes`).
 ARCHITECTURE_FIELDS = (
-    "backbone", "num_channels", "image_size", "embedding_size", "hidden_sizes", "depths", "downsample_in_first_stage",
-    "hidden_act", "head_hidden_size", "min_age", "max_age", "id2label",
+    "backbone", "num_channels", "image_size", "depths", "downsample_in_first_stage", "hidden_act", "head_hidden_size",
+    "min_age", "max_age", "id2label",
 )
 
 
@@ -51,9 +52,12 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
     sources = [network for model in models for network in model.networks()]
     zooms = [zoom for model in models for zoom in model.config.network_zooms]
     read_sizes = [size for model in models for size in model.config.network_read_sizes]
+    stems, widths = zip(*(model.config.network_widths(index) for model in models for index in range(model.config.ensemble_size)))
+    alike = len(set(stems)) == 1 and all(network == widths[0] for network in widths)
     config = AgeGenderConfig.from_dict(
         {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms,
-         "network_read_sizes": read_sizes}
+         "network_read_sizes": read_sizes, "network_hidden_sizes": None if alike else list(widths),
+         "network_embedding_sizes": None if alike else list(stems)}
     )
     combined = AgeGenderModel(config).eval()
     for target, source in zip(combined.networks(), sources):

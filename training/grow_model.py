@@ -14,6 +14,7 @@ the sum, so the answers move a little (measured: real-face gender 85.9% -> 84.7%
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,17 +103,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden_sizes", type=int, nargs="+", default=None, help="Channels per stage (default: the source's).")
     parser.add_argument("--embedding_size", type=int, default=None, help="Channels of the stem (default: the source's).")
     args = parser.parse_args(argv)
-    if not Path(args.source, "config.json").is_file():
-        raise SystemExit(f"error: {args.source} is not a model folder (no config.json); give a folder a training run saved")
     overrides = {name: value for name in ("depths", "hidden_sizes", "embedding_size") if (value := getattr(args, name))}
+    save_resized(args.source, args.output_dir, lambda source: grow_model(source, **overrides), "grown")
+
+
+def save_resized(source: str, output_dir: str, resize: Callable[[AgeGenderModel], AgeGenderModel], done: str) -> None:
+    """Resize the model in folder `source` and save it, with its image processor, where `train.py --init_from`
+    can start from it; a folder that is not a model, or a size it cannot take, ends the command with a message."""
+    if not Path(source, "config.json").is_file():
+        raise SystemExit(f"error: {source} is not a model folder (no config.json); give a folder a training run saved")
     try:
-        grown = grow_model(AgeGenderModel.from_pretrained(args.source), **overrides)
+        resized = resize(AgeGenderModel.from_pretrained(source))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
-    grown.save_pretrained(args.output_dir)
-    AgeGenderImageProcessor.from_pretrained(args.source).save_pretrained(args.output_dir)
-    parameters = sum(parameter.numel() for parameter in grown.parameters())
-    print(f"grown model ({parameters:,} parameters, depths {grown.config.depths}, widths {grown.config.hidden_sizes}) in {args.output_dir}")
+    resized.save_pretrained(output_dir)
+    AgeGenderImageProcessor.from_pretrained(source).save_pretrained(output_dir)
+    parameters = sum(parameter.numel() for parameter in resized.parameters())
+    print(f"{done} model ({parameters:,} parameters, depths {resized.config.depths}, widths {resized.config.hidden_sizes}) in {output_dir}")
 
 
 if __name__ == "__main__":

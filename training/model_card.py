@@ -174,13 +174,18 @@ def reading_note(config: dict) -> str:
     """How the model reads a face: once or beside its mirror image, by one network or several averaged."""
     networks = config.get("ensemble_size", 1)
     readers = f"each of its {networks} networks (`ensemble_size`), their logits averaged" if networks > 1 else "the network"
+    widths = config.get("network_hidden_sizes")
+    if widths:
+        readers += f", networks of {' and '.join(str(network) for network in widths)} channels per stage (`network_hidden_sizes`)"
+    alike = not widths and len(set(config.get("network_read_sizes") or [0])) == 1
+    cost = f"{(2 if config.get('flip_average') else 1) * networks} times one network's cost" if alike else "the sum of its networks' costs"
     if config.get("flip_average"):
         return (
-            f"Each face is read beside its mirror image by {readers}, at {2 * networks} times one network's cost "
+            f"Each face is read beside its mirror image by {readers}, at {cost} "
             "(`flip_average`); the figures below and the calibrations are made that way."
         )
     if networks > 1:
-        return f"Each face is read once by {readers}, at {networks} times one network's cost; the figures below and the calibrations are made that way."
+        return f"Each face is read once by {readers}, at {cost}; the figures below and the calibrations are made that way."
     return "Each face is read once (`flip_average` off)."
 
 

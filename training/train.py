@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.flip_average = model.config.flip_average or args.flip_tta
     ema = AveragedModel(model, avg_fn=ema_average(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
     # The descriptor is predicted from the pooled features by a projection that is trained, then dropped.
-    projection = torch.nn.Linear(model.config.ensemble_size * model.backbone.out_features, DESCRIPTOR_SIZE) if args.descriptor_weight > 0 else None
+    projection = torch.nn.Linear(sum(network.backbone.out_features for network in model.networks()), DESCRIPTOR_SIZE) if args.descriptor_weight > 0 else None
     trainable = list(model.parameters()) + (list(projection.parameters()) if projection is not None else [])
     decay = [p for p in trainable if p.ndim > 1]  # weight decay on weights, not on norms and biases
     no_decay = [p for p in trainable if p.ndim <= 1]
