@@ -103,5 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     save_resized(args.source, args.output_dir, lambda source: narrow_model(source, args.hidden_sizes, args.embedding_size), "narrowed")
 
+
 if __name__ == "__main__":
     main()
