@@ -53,7 +53,7 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
     zooms = [zoom for model in models for zoom in model.config.network_zooms]
     read_sizes = [size for model in models for size in model.config.network_read_sizes]
     stems, widths = zip(*(model.config.network_widths(index) for model in models for index in range(model.config.ensemble_size)))
-    alike = len(set(stems)) == 1 and all(network == widths[0] for network in widths)
+    alike = len({(stem, tuple(width)) for stem, width in zip(stems, widths)}) == 1
     config = AgeGenderConfig.from_dict(
         {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms,
          "network_read_sizes": read_sizes, "network_hidden_sizes": None if alike else list(widths),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modeling import AgeGenderConfig, AgeGenderModel
-from training.grow_model import first_block_has_identity_shortcut, save_resized
+from training.grow_model import block_positions, first_block_has_identity_shortcut, save_resized
 
 
 def batch_norm_scale(unit: nn.Module) -> torch.Tensor:
@@ -36,7 +36,7 @@ def kept_channels(source: AgeGenderModel, target: AgeGenderConfig) -> tuple[list
     """The source channels each layer keeps: the residual stream's for the stem and each block's output, and the
     inner ones for each block's first convolution."""
     stem, *blocks = list(source.backbone)[:-2]
-    stage_of_block = [stage for stage, depth in enumerate(source.config.depths) for _ in range(depth)]
+    stage_of_block = [stage for stage, _ in block_positions(source.config)]
     stream_scores = [torch.zeros(width) for width in source.config.hidden_sizes]
     for block, stage in zip(blocks, stage_of_block):
         stream_scores[stage] += batch_norm_scale(block.conv2)
