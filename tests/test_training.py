@@ -461,6 +461,30 @@ def test_a_run_at_a_wider_framing_cuts_real_faces_at_it_and_widens_utkface(train
     assert 0 <= face.age <= 116
 
 
+def test_a_teacher_at_a_wider_framing_than_its_student_reads_real_faces_cut_at_its_own(training_data, finished_run, tmp_path):
+    """A network at UTKFace's framing taught by one at 1.3125: the real faces are cut once, at the teacher's wider
+    framing (the photo around the face, not a repeated edge, in the teacher's view), and the student reads its own
+    centre of them; what is saved is framed as the student is."""
+    from conftest import write_lfw_folder, write_wider_folder
+    from training.train import main
+
+    wider, lfw = write_wider_folder(tmp_path / "wider-faces"), write_lfw_folder(tmp_path / "lfw-gender")
+    cache = tmp_path / "cache"
+    args = ["--data", str(training_data), "--cache_dir", str(cache), *QUICK, "--epochs", "1", "--wider_faces", str(wider), "--lfw_gender", str(lfw)]
+    main([*args, "--init_from", str(finished_run), "--face_zoom", "1.3125", "--output_dir", str(tmp_path / "wide")])
+    results = main([*args, "--init_from", str(finished_run), "--distill_from", str(tmp_path / "wide"), "--output_dir", str(tmp_path / "student")])
+    assert len(list((cache / "real-faces").iterdir())) == 2  # one source each, at the teacher's framing only
+    processor = json.loads((tmp_path / "student" / "preprocessor_config.json").read_text())
+    assert processor["face_zoom"] == 1.0 and processor["image_size"] == 32
+    from training.data import load_utkface
+    from training.real_faces import load_real_faces
+
+    real_train = load_real_faces(wider, lfw, cache, verbose=False, zoom=1.3125)["train"]
+    assert results["train_size"] == len(load_utkface(training_data, cache, verbose=False)["train"]) + len(real_train)
+    with pytest.raises(SystemExit, match="preprocessor_config.json is missing"):
+        main([*args, "--distill_from", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "none")])
+
+
 def test_dlib_gender_teacher_reads_women_and_men_from_the_example_crops(tmp_path):
     """dlib's classifier from the wheel, on the app's crops of Obama and of Eileen Collins: the teacher is read as
     its manifest says (channel order, means, classes female/male), flipped to this project's order."""

@@ -32,6 +32,17 @@ def load_teacher(folder: str, config: AgeGenderConfig) -> tuple[AgeGenderModel, 
     return teacher, AgeGenderImageProcessor.from_pretrained(folder)
 
 
+def widest_teacher_framing(folders: list[str]) -> float:
+    """The widest framing (`face_zoom`) any of the teachers in `folders` reads. Real faces are cut at it, so that
+    a teacher reading a wider framing than its student sees the photo around the face rather than a repeated edge."""
+    zooms = [1.0]
+    for folder in folders:
+        if not (Path(folder) / "preprocessor_config.json").is_file():
+            raise SystemExit(f"error: --distill_from {folder}: no trained model there (preprocessor_config.json is missing)")
+        zooms.append(AgeGenderImageProcessor.from_pretrained(folder).face_zoom)
+    return max(zooms)
+
+
 def teacher_targets(
     folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device, gender_teacher: bytes | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from modeling import PRESETS, AgeGenderConfig, AgeGenderImageProcessor, AgeGende
 from training.augment import augment_batch
 from training.data import default_cache_dir, load_utkface, pixel_cache
 from training.descriptors import DESCRIPTOR_SIZE, DescriptorUnavailableError, descriptor_loss, face_descriptors
-from training.distill import distillation_loss, dlib_gender_onnx, teacher_targets
+from training.distill import distillation_loss, dlib_gender_onnx, teacher_targets, widest_teacher_framing
 from training.hub import HubUnavailableError, push_model_folder
 from training.model_card import write_model_card
 from training.plots import plot_training_curves
@@ -364,9 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
         repeats = [1]
         real_splits = None
         if args.wider_faces or args.lfw_gender:
+            # Cut at the widest framing the model or a teacher reads; each reads its own out of it (pixel_cache).
+            real_zoom = max(config.input_zoom, widest_teacher_framing(args.distill_from or []))
             try:
                 real_splits = load_real_faces(
-                    args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process, zoom=config.input_zoom
+                    args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process, zoom=real_zoom
                 )
             except (FileNotFoundError, ValueError) as error:
                 raise SystemExit(f"error: {error}") from error
