@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoModel
 import modeling  # noqa: F401  (registers the model with the Auto classes)
 from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
-from .alignment import CHIP_SIZE, align_face, reframe_chip
+from .alignment import CHIP_SIZE, FILLED_SHARE, align_face, reframe_chip, share_outside_photo, widened_crop_share
 from .detection import Detection, RetinaFaceDetector
 from .onnx_model import OnnxAgeGenderModel
 from .search import detect_in_photo
@@ -201,11 +201,14 @@ class FaceAnalyzer:
         return [align_face(photo, detection.landmarks, zoom=self.processor.face_zoom) for detection in self.detect(photo)]
 
     @torch.inference_mode()
-    def predict_faces(self, faces: list[ImageLike]) -> list[FaceRecord]:
-        """Age and gender for face crops, in batches; boxes are left empty."""
+    def predict_faces(self, faces: list[ImageLike], framing_filled: list[bool] | None = None) -> list[FaceRecord]:
+        """Age and gender for face crops, in batches; boxes are left empty. `framing_filled` marks the crops whose
+        framing reaches well beyond their photo (`AgeGenderModel.forward`); None: every crop is of a photo."""
         records = []
         for start in range(0, len(faces), self.batch_size):
             inputs = self.processor(images=faces[start : start + self.batch_size], return_tensors="pt").to(self.device)
+            if framing_filled is not None:
+                inputs["framing_filled"] = torch.tensor(framing_filled[start : start + self.batch_size], dtype=torch.bool)
             outputs = self.model(**inputs)
             records += [FaceRecord(box=[], **r) for r in self.model.post_process_age_gender(outputs, return_distributions=True)]
         return records
@@ -215,7 +218,8 @@ class FaceAnalyzer:
         one face when `assume_face_crop` is set; no face found gives no faces."""
         photo = self.load_photo(image)
         if assume_face_crop:  # framed as UTKFace frames its faces, as a face crop is taken to be
-            face = self.predict_faces([reframe_chip(photo, self.processor.face_zoom)])[0]
+            widened = widened_crop_share(self.processor.face_zoom) > FILLED_SHARE
+            face = self.predict_faces([reframe_chip(photo, self.processor.face_zoom)], [widened])[0]
             face.box = [0, 0, photo.width, photo.height]
             return PhotoResult(image=photo, faces=[face])
         detections = self.detect(photo, min_score)
@@ -225,8 +229,10 @@ class FaceAnalyzer:
     def label_detections(self, photos: list[Image.Image], detections: list[list[Detection]]) -> list[list[FaceRecord]]:
         """The faces found in each photo, aligned and predicted in batches that span the photos, with box
         (clipped to the photo), landmarks and detection score filled in."""
-        crops = [align_face(photo, d.landmarks, CHIP_SIZE, self.processor.face_zoom) for photo, found in zip(photos, detections) for d in found]
-        records = iter(self.predict_faces(crops))
+        zoom = self.processor.face_zoom
+        crops = [align_face(photo, d.landmarks, CHIP_SIZE, zoom) for photo, found in zip(photos, detections) for d in found]
+        filled = [share_outside_photo(photo.size, d.landmarks, zoom) > FILLED_SHARE for photo, found in zip(photos, detections) for d in found]
+        records = iter(self.predict_faces(crops, filled))
         labelled = []
         for photo, found in zip(photos, detections):
             faces = []

@@ -38,6 +38,15 @@ def onnx_path(folder: str | os.PathLike, precision: str = "float32") -> Path:
     return Path(folder) / ONNX_DIR / ONNX_FILES[precision]
 
 
+def onnx_inputs(names: list[str], pixel_values: np.ndarray, framing_filled: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed of an exported graph: `pixel_values`, and `framing_filled` where the graph takes it (a model whose
+    networks read different framings)."""
+    feed = {"pixel_values": pixel_values}
+    if "framing_filled" in names:
+        feed["framing_filled"] = np.ascontiguousarray(framing_filled, dtype=bool)
+    return feed
+
+
 class OnnxAgeGenderModel:
     """An ONNX export of a model folder with that folder's config (labels, age range, calibrated interval and
     gender temperature).
@@ -62,9 +71,11 @@ class OnnxAgeGenderModel:
         self.session = cpu_session(path, threads or usable_cores())
         self.path = path
 
-    def __call__(self, pixel_values: torch.Tensor, **kwargs) -> AgeGenderOutput:
+    def __call__(self, pixel_values: torch.Tensor, framing_filled: torch.Tensor | None = None, **kwargs) -> AgeGenderOutput:
         pixels = np.ascontiguousarray(pixel_values.detach().cpu().float().numpy())
-        age_logits, gender_logits = (torch.from_numpy(x) for x in self.session.run(None, {"pixel_values": pixels}))
+        filled = np.zeros(len(pixels), dtype=bool) if framing_filled is None else framing_filled.cpu().numpy().astype(bool)
+        inputs = onnx_inputs([i.name for i in self.session.get_inputs()], pixels, filled)
+        age_logits, gender_logits = (torch.from_numpy(x) for x in self.session.run(None, inputs))
         age, age_std = age_statistics(age_logits.softmax(-1), self.config.min_age)
         return AgeGenderOutput(age=age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits)
 

@@ -242,6 +242,12 @@ class AgeGenderConfig(PretrainedConfig):
         return max(self.network_zooms)
 
     @property
+    def reads_framings_apart(self) -> bool:
+        """Whether its networks read different framings: then a face whose wider framing reaches well beyond its
+        photo is read by the tightest-framed networks alone (`framing_filled` in `AgeGenderModel.forward`)."""
+        return len(set(self.network_zooms)) > 1
+
+    @property
     def input_size(self) -> int:
         """Side in pixels of the model's input (`pixel_values`): `image_size` at UTKFace's framing, grown with the
         framing, so that a network that reads UTKFace's framing reads its `image_size` pixels as they are."""

@@ -294,6 +294,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         age: torch.Tensor | None = None,
         gender: torch.Tensor | None = None,
         age_range: torch.Tensor | None = None,
+        framing_filled: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AgeGenderOutput | tuple:
@@ -306,23 +307,23 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
                 ignore index -100) marks a face whose gender is unknown.
             age_range: `(batch, 2)` lowest and highest age in years that a face's label allows (a perceived age
                 group), for the loss; a negative or NaN bound marks a face without one.
+            framing_filled: `(batch,)` booleans, True for a face whose input framing reaches well beyond its photo
+                (`faces.alignment.framing_filled`: a crop widened with its edge repeated, a face at a photo's
+                border). In a model whose networks read different framings, such a face is read by the networks
+                at the tightest framing beside its mirror image instead of by the wider ones, which would see a
+                repeated edge where they learnt to read hair and shoulders; at about the same cost. Ignored in
+                training and by models whose networks all read one framing.
 
         The loss is returned when any label is given. Each face contributes the terms its labels allow, each term
         summed over those faces and divided by the batch size, so that a face without a label adds nothing to
         that label's gradient and a batch of fully labelled faces gives the plain mean.
         """
-        mirrored = self.config.flip_average and not self.training
-        faces = pixel_values.shape[0]
-        if mirrored:  # each face beside its mirror image, averaged below
-            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         pixel_values = pixel_values.to(dtype=self.dtype)
-        readings = list(zip(self.config.network_zooms, self.config.network_read_sizes))
-        views = {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in set(readings)}
-        features, age_logits, gender_logits = zip(*(read_faces(network, views[reading]) for network, reading in zip(self.networks(), readings)))
-        features = torch.cat(features, dim=-1)
-        age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
-        if mirrored:
-            features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
+        if framing_filled is None or self.training or not self.config.reads_framings_apart:
+            everything = range(self.config.ensemble_size)
+            features, age_logits, gender_logits = self.read(self.views(pixel_values, everything), everything, self.config.flip_average and not self.training)
+        else:
+            features, age_logits, gender_logits = self.read_filled_apart(pixel_values, framing_filled.to(device=pixel_values.device, dtype=torch.bool))
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
 
         loss = None
@@ -339,6 +340,52 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
             pooler_output=features,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def views(self, pixel_values: torch.Tensor, indices) -> dict[tuple[float, int], torch.Tensor]:
+        """Each framing that the networks at `indices` read, cut out of the model's input (`framed_view`)."""
+        readings = {(self.config.network_zooms[index], self.config.network_read_sizes[index]) for index in indices}
+        return {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in readings}
+
+    def read(self, views: dict[tuple[float, int], torch.Tensor], indices, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooled features (side by side) and logits (averaged) of the networks at `indices`, each reading its own
+        framing among `views`, and with `mirrored` its mirror image too (averaged)."""
+        if mirrored:
+            views = {reading: torch.cat([view, view.flip(-1)]) for reading, view in views.items()}
+        if torch.compiler.is_exporting():  # a subset of a batch has a size only known at run time; ONNX runs any
+            for view in views.values():
+                torch._check(view.shape[0] != 0)
+        networks = self.networks()
+        readings = [(network, views[self.config.network_zooms[index], self.config.network_read_sizes[index]]) for index, network in ((i, networks[i]) for i in indices)]
+        features, age_logits, gender_logits = zip(*(read_faces(network, view) for network, view in readings))
+        features = torch.cat(features, dim=-1)
+        age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
+        if mirrored:
+            faces = features.shape[0] // 2
+            features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
+        return features, age_logits, gender_logits
+
+    def read_filled_apart(self, pixel_values: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`read` for a batch with `framing_filled`: the faces framed from their photo by every network, the
+        filled ones by the tightest-framed networks beside their mirror image. Each face is read only by the
+        networks its answer comes from. In `pooler_output` a filled face's place for the wider networks' features
+        holds zeros."""
+        tight = [index for index, zoom in enumerate(self.config.network_zooms) if zoom == min(self.config.network_zooms)]
+        everything = range(self.config.ensemble_size)
+        views = self.views(pixel_values, everything)
+        features, age_logits, gender_logits = self.read({k: v[~filled] for k, v in views.items()}, everything, self.config.flip_average)
+        tight_views = self.views(pixel_values, tight)
+        filled_features, filled_age, filled_gender = self.read({k: v[filled] for k, v in tight_views.items()}, tight, True)
+        faces = pixel_values.shape[0]
+        all_features = features.new_zeros(faces, features.shape[-1])
+        all_age, all_gender = age_logits.new_zeros(faces, age_logits.shape[-1]), gender_logits.new_zeros(faces, 2)
+        all_features[~filled], all_age[~filled], all_gender[~filled] = features, age_logits, gender_logits
+        widths = [network.backbone.out_features for network in self.networks()]
+        columns = torch.cat([torch.full((width,), index in tight, dtype=torch.bool) for index, width in enumerate(widths)])
+        all_age[filled], all_gender[filled] = filled_age, filled_gender
+        filled_rows = all_features[filled]
+        filled_rows[:, columns.to(filled_rows.device)] = filled_features
+        all_features[filled] = filled_rows
+        return all_features, all_age, all_gender
 
     def networks(self) -> list[nn.Module]:
         """Every network the model reads faces with (`config.ensemble_size`): the model's own backbone and heads,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_networks_of_other_framings_read_their_own_out_of_the_widest(tmp_path):
     for mixed, a, b in zip(logits(combined, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(wide, pixels)):
         torch.testing.assert_close(mixed, (a + b) / 2)
     session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
-    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy(), "framing_filled": np.zeros(3, dtype=bool)})[0]
     torch.testing.assert_close(torch.from_numpy(gender), logits(combined, pixels)[1], atol=1e-4, rtol=1e-4)
     processors = [AgeGenderImageProcessor(image_size=32), AgeGenderImageProcessor(image_size=42, face_zoom=1.3125)]
     processor = combined_processor(processors, ["tight", "wide"], combined)
@@ -89,10 +90,47 @@ def test_a_network_reads_a_wider_framing_at_full_scale_when_asked(tmp_path):
     for mixed, a, b in zip(logits(combined, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(native, pixels)):
         torch.testing.assert_close(mixed, (a + b) / 2)
     session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
-    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy(), "framing_filled": np.zeros(3, dtype=bool)})[0]
     torch.testing.assert_close(torch.from_numpy(gender), logits(combined, pixels)[1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"network_read_sizes needs one positive size per network \(2\), got \[42\]"):
         AgeGenderConfig(ensemble_size=2, network_read_sizes=[42])
+
+
+@pytest.mark.parametrize("flip_average", [False, True], ids=["once", "mirrored"])
+def test_a_face_whose_wider_framing_is_filled_is_read_by_the_tight_network_alone(tmp_path, flip_average):
+    """`framing_filled`: in a pair of a tight and a wide network, a face whose wider framing repeats its photo's
+    edge is read by the tight network beside its mirror image, the others as before (each network once, or each
+    beside the mirror image); through ONNX alike, whatever mix of faces a batch holds. A model whose networks all
+    read one framing ignores the flags, as training does."""
+    tight, wide = jittered(0), jittered(1, network_zooms=[1.3125], network_read_sizes=[42])
+    combined = combine_models([tight, wide])
+    combined.config.flip_average = flip_average
+    assert combined.config.reads_framings_apart and not tight.config.reads_framings_apart
+    pixels = torch.rand(5, 3, 42, 42) * 2 - 1
+    filled = torch.tensor([True, False, True, False, False])
+    centre = pixels[..., 5:37, 5:37]
+    with torch.no_grad():
+        plain = combined(pixel_values=pixels).gender_logits
+        read = combined(pixel_values=pixels, framing_filled=filled)
+        tight_mirrored = (tight(pixel_values=centre).gender_logits + tight(pixel_values=centre.flip(-1)).gender_logits) / 2
+    torch.testing.assert_close(read.gender_logits[~filled], plain[~filled])
+    torch.testing.assert_close(read.gender_logits[filled], tight_mirrored[filled])
+    assert read.pooler_output.shape == (5, 2 * combined.config.hidden_sizes[-1])
+    assert not read.pooler_output[filled][:, combined.config.hidden_sizes[-1] :].any()  # no wide reading of them
+    session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values", "framing_filled"]
+    for flags in (filled, torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)):
+        gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy(), "framing_filled": flags.numpy()})[0]
+        with torch.no_grad():
+            expected = combined(pixel_values=pixels, framing_filled=flags).gender_logits
+        torch.testing.assert_close(torch.from_numpy(gender), expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(tight(pixel_values=centre, framing_filled=filled).gender_logits, tight(pixel_values=centre).gender_logits)
+        combined.train()
+        torch.manual_seed(0)
+        in_training = combined(pixel_values=pixels, framing_filled=filled).gender_logits
+        torch.manual_seed(0)
+        torch.testing.assert_close(in_training, combined(pixel_values=pixels).gender_logits)
 
 
 def test_an_ensemble_trains_as_one_model():
@@ -135,9 +173,13 @@ def test_networks_of_different_widths_combine_each_keeping_its_own(tmp_path):
         torch.testing.assert_close(mixed, (a + b) / 2)
     with torch.no_grad():
         assert reloaded(pixel_values=pixels).pooler_output.shape == (3, 256 + 128)
+    filled = torch.tensor([True, False, False])  # the tight network's 256 features, zeros for the narrow one's 128
+    with torch.no_grad():
+        apart = reloaded(pixel_values=pixels, framing_filled=filled)
+    assert apart.pooler_output[0, :256].any() and not apart.pooler_output[0, 256:].any()
     session = ort.InferenceSession(str(export_float(reloaded, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
-    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(gender), logits(reloaded, pixels)[1], atol=1e-4, rtol=1e-4)
+    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy(), "framing_filled": filled.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(gender), apart.gender_logits, atol=1e-4, rtol=1e-4)
     note = reading_note(reloaded.config.to_dict())
     assert "networks of [32, 64, 128, 256] and [16, 32, 64, 128] channels per stage" in note and "the sum of its networks' costs" in note
     assert combine_models([tight, jittered(2)]).config.network_hidden_sizes is None  # alike: no per-network widths

@@ -324,3 +324,45 @@ def test_a_threshold_per_call_drops_false_boxes_without_changing_the_default(ana
     assert strict.faces == []
     with pytest.raises(ValueError, match="min_score must lie in"):
         analyzer.analyze(blurred_cat(), min_score=0)
+
+
+def test_the_share_of_a_chip_outside_its_photo_is_what_the_aligner_fills():
+    """A UTKFace crop as the photo: its own chip lies inside it, the chip 1.3125 times wider has 42% outside (what
+    `reframe_chip` fills by repeating the edge); a face in the middle of a large photo has nothing outside, one at
+    a photo's border the part beyond it."""
+    from faces.alignment import share_outside_photo, widened_crop_share
+
+    assert share_outside_photo((200, 200), UTKFACE_TEMPLATE) == 0
+    assert abs(share_outside_photo((200, 200), UTKFACE_TEMPLATE, zoom=1.3125) - widened_crop_share(1.3125)) < 0.02
+    assert share_outside_photo((1000, 1000), UTKFACE_TEMPLATE + 400, zoom=1.3125) == 0
+    assert abs(share_outside_photo((300, 200), UTKFACE_TEMPLATE - [100, 0]) - 0.5) < 0.02  # half the chip left of it
+    assert widened_crop_share(1.0) == widened_crop_share(0.8) == 0
+
+
+def test_a_pair_of_framings_reads_a_face_crop_with_its_tight_network_alone(analyzer, tmp_path):
+    """The shipped network beside a copy of it that reads the 1.3125 framing: a face crop given as it is, whose
+    wider framing is 42% repeated edge, is read by the tight network beside its mirror image, as the shipped model
+    reads it; the faces of a photo, framed from the photo, by both networks."""
+    from faces import FaceAnalyzer
+    from faces.alignment import FILLED_SHARE, share_outside_photo
+    from modeling import AgeGenderImageProcessor, AgeGenderModel
+    from training.combine_models import combine_models
+
+    shipped = require_shipped_model()
+    tight, wide = AgeGenderModel.from_pretrained(shipped), AgeGenderModel.from_pretrained(shipped)
+    wide.config.network_zooms, wide.config.network_read_sizes = [1.3125], [84]
+    pair = combine_models([tight, wide])
+    pair.config.flip_average = False
+    pair.save_pretrained(tmp_path)
+    AgeGenderImageProcessor(image_size=84, face_zoom=1.3125).save_pretrained(tmp_path)
+    paired = FaceAnalyzer(model=tmp_path, dtype="float32")
+    (crop,) = analyzer.face_crops(EXAMPLES / "obama.jpg")
+    (alone,) = FaceAnalyzer(model=shipped, dtype="float32").analyze(crop, assume_face_crop=True).faces
+    (read,) = paired.analyze(crop, assume_face_crop=True).faces
+    assert abs(read.age - alone.age) < 1 and read.gender == alone.gender and abs(read.gender_score - alone.gender_score) < 0.02
+    photo = Image.open(EXAMPLES / "three_portraits.jpg")
+    faces = paired.analyze(photo).faces
+    assert len(faces) == 3 and all(share_outside_photo(photo.size, np.array(f.landmarks), 1.3125) < FILLED_SHARE for f in faces)
+    crops = paired.face_crops(photo)
+    both, tight_only = paired.predict_faces(crops, [False] * 3), paired.predict_faces(crops, [True] * 3)
+    assert [f.age for f in faces] == [f.age for f in both] != [f.age for f in tight_only]

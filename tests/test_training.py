@@ -114,12 +114,13 @@ def test_real_photo_faces_are_cut_by_the_app_path_and_cached(training_data):
         pytest.skip(f"wider-dev is not at {DEFAULT_WIDER_DEV}")
     processor = AgeGenderImageProcessor(image_size=32)
     cache = training_data.parent / "cache"  # the training runs' cache: the evaluation test reads these faces from it
-    pixels, genders = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache)
-    assert pixels.shape[1:] == (32, 32, 3) and pixels.dtype == np.uint8 and len(pixels) == len(genders) >= 800
+    pixels, genders, filled = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache)
+    assert pixels.shape[1:] == (32, 32, 3) and pixels.dtype == np.uint8 and len(pixels) == len(genders) == len(filled) >= 800
     assert set(genders.tolist()) == {0, 1}
+    assert 0 < filled.sum() < 0.1 * len(filled)  # a few faces at a photo's border
     assert len(list(cache.glob("wider-dev-faces-*.npz"))) == 1
-    again, again_genders = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache)
-    assert np.array_equal(again, pixels) and np.array_equal(again_genders, genders)
+    again, again_genders, again_filled = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache)
+    assert np.array_equal(again, pixels) and np.array_equal(again_genders, genders) and np.array_equal(again_filled, filled)
 
 
 def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_path):

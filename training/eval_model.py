@@ -32,6 +32,7 @@ from training.plots import plot_age_errors
 from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES
 from training.scoring import (
     balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, gender_figures, interval_report, load_metric, predict_distributions, predict_loader, score,
+    utkface_framing_filled,
 )
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
@@ -108,11 +109,11 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     """Gender figures (balanced over women and men, and the "?" rule) of the real faces' validation part in all,
     by source, by WIDER's perceived skin type, by face size and by WIDER's flags, and how often the predicted age
     falls inside the perceived age group's years (`AGE_GROUP_RANGES`)."""
-    from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, load_real_faces, size_band
+    from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, framing_filled, load_real_faces, size_band
 
     faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]
     pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
-    age_probs, gender_probs = predict_distributions(model, processor, pixels)
+    age_probs, gender_probs = predict_distributions(model, processor, pixels, framing_filled=framing_filled(faces, processor.face_zoom))
     ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
     columns = faces.select_columns(["gender", "age_group", "source", "skin", "face_height", "blur", "occlusion", "pose"]).to_pandas()
     genders = torch.tensor(columns["gender"].to_numpy())
@@ -164,7 +165,7 @@ def recalibrate(model, processor, validation, args: argparse.Namespace, accelera
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: --calibrate needs a local model folder; {args.model} has no config.json")
     loader = accelerator.prepare(face_loader(validation, processor, args))
-    val_predictions = predict_loader(model, processor, loader, accelerator)
+    val_predictions = predict_loader(model, processor, loader, accelerator, utkface_framing_filled(processor))
     model.config.age_interval_scale = calibrate_interval_scale(val_predictions, model.config)
     figures = {"validation": score(val_predictions, load_metric())}
     calibrated = {
@@ -184,13 +185,14 @@ def recalibrate(model, processor, validation, args: argparse.Namespace, accelera
     return {**figures, **calibrated}
 
 
-def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels and genders of the real faces' validation part whose gender is known."""
-    from training.real_faces import load_real_faces
+def real_validation_faces(processor, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixels, genders and `framing_filled` of the real faces' validation part whose gender is known."""
+    from training.real_faces import framing_filled, load_real_faces
 
     faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]
     faces = faces.filter(lambda gender: gender >= 0, input_columns="gender")
-    return torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir))), torch.tensor(faces["gender"])
+    pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
+    return pixels, torch.tensor(faces["gender"]), framing_filled(faces, processor.face_zoom)
 
 
 def record_calibrated_figures(
@@ -203,7 +205,7 @@ def record_calibrated_figures(
     if not metrics_file.is_file():
         return
     if args.split != "test":
-        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator)
+        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator, utkface_framing_filled(processor))
     test = {**score(predictions, load_metric()), **interval_report(predictions, model.config)}
 
     def change(metrics: dict) -> None:
@@ -262,15 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
     loader = face_loader(dataset, processor, args)
     calibrated = recalibrate(model, processor, splits["validation"], args, accelerator) if args.calibrate else None
-    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator)
+    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, utkface_framing_filled(processor))
     if calibrated:
         record_calibrated_figures(model, processor, splits, predictions, calibrated, args, accelerator)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())
     report.update(interval_report(predictions, model.config), age_interval_aim=model.config.age_interval_coverage)
     report.update({"model": str(args.model), "data": str(args.data), "split": args.split, "flip_average": model.config.flip_average, "dtype": args.dtype})
     if args.real_photos:
-        real_pixels, real_genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
-        faces = (torch.from_numpy(real_pixels), torch.from_numpy(real_genders))
+        faces = tuple(torch.from_numpy(part) for part in real_face_pixels(args.real_photos, processor, args.cache_dir))
         report["real_photos"] = balanced_gender_accuracy(model, processor, faces)
     if args.wider_faces or args.lfw_gender:
         report["real_faces_validation"] = real_faces_report(model, processor, args)

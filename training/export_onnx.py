@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from faces.onnx_model import ONNX_DIR, cpu_session, onnx_path  # noqa: E402
+from faces.onnx_model import ONNX_DIR, cpu_session, onnx_inputs, onnx_path  # noqa: E402
 from modeling import AgeGenderImageProcessor, AgeGenderModel  # noqa: E402
 
 MAE_TOLERANCE = {"float32": 0.02, "int8": 0.05}
@@ -42,19 +42,22 @@ class LogitsOnly(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.model(pixel_values=pixel_values)
+    def forward(self, pixel_values: torch.Tensor, framing_filled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model(pixel_values=pixel_values, framing_filled=framing_filled)
         return outputs.age_logits, outputs.gender_logits
 
 
 def export_float(model: AgeGenderModel, path: Path) -> Path:
-    """The float32 graph with a dynamic batch dimension (torch's exporter, opset 18)."""
+    """The float32 graph with a dynamic batch dimension (torch's exporter, opset 18). A model whose networks read
+    different framings takes `framing_filled` `(batch,)` booleans too (`AgeGenderModel.forward`)."""
     size = model.config.input_size
     path.parent.mkdir(parents=True, exist_ok=True)
+    inputs, names, shapes = (torch.zeros(2, 3, size, size),), ["pixel_values"], ({0: torch.export.Dim("batch")},)
+    if model.config.reads_framings_apart:
+        inputs, names, shapes = inputs + (torch.tensor([True, False]),), names + ["framing_filled"], shapes + ({0: torch.export.Dim("batch")},)
     torch.onnx.export(
-        LogitsOnly(model.float().eval()).eval(), (torch.zeros(2, 3, size, size),), str(path),
-        input_names=["pixel_values"], output_names=["age_logits", "gender_logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+        LogitsOnly(model.float().eval()).eval(), inputs, str(path), input_names=names, output_names=["age_logits", "gender_logits"],
+        dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False,
     )
     return path
 
@@ -67,16 +70,18 @@ def head_nodes(path: Path) -> list[str]:
     return [node.name for node in onnx.load(str(path), load_external_data=False).graph.node if node.op_type in ("Gemm", "MatMul")]
 
 
-def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray) -> Path:
+def quantize_int8(float_path: Path, int8_path: Path, calibration: tuple[np.ndarray, np.ndarray]) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) with activation ranges measured on real faces; the
     heads stay float32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    session_inputs = [i.name for i in cpu_session(float_path).get_inputs()]
+
     class Faces(CalibrationDataReader):
         def __init__(self):
             # Whole batches only: the calibrator stacks every batch's outputs and fails on a shorter last one.
-            self.batches = iter([{"pixel_values": calibration[i : i + 32]} for i in range(0, len(calibration) - 31, 32)])
+            self.batches = iter([onnx_inputs(session_inputs, calibration[0][i : i + 32], calibration[1][i : i + 32]) for i in range(0, len(calibration[0]) - 31, 32)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -93,8 +98,9 @@ def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray) ->
     return int8_path
 
 
-def onnx_logits(session, pixel_values: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    parts = [session.run(None, {"pixel_values": pixel_values[i : i + batch_size]}) for i in range(0, len(pixel_values), batch_size)]
+def onnx_logits(session, pixel_values: np.ndarray, filled: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    parts = [session.run(None, onnx_inputs(names, pixel_values[i : i + batch_size], filled[i : i + batch_size])) for i in range(0, len(pixel_values), batch_size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -104,14 +110,17 @@ def expected_ages(age_logits: np.ndarray, min_age: int) -> np.ndarray:
     return probs @ np.arange(min_age, min_age + age_logits.shape[-1])
 
 
-def compare(model: AgeGenderModel, session, pixel_values: np.ndarray, ages: np.ndarray | None) -> dict:
+def compare(model: AgeGenderModel, session, pixel_values: np.ndarray, ages: np.ndarray | None, filled: np.ndarray) -> dict:
     """Age MAE of torch and of the ONNX model (to the true ages where known, else to torch's ages) and how often
-    their genders agree."""
+    their genders agree, each told which faces are framing filled."""
     with torch.inference_mode():
-        outputs = [model(pixel_values=torch.from_numpy(pixel_values[i : i + 256])) for i in range(0, len(pixel_values), 256)]
+        outputs = [
+            model(pixel_values=torch.from_numpy(pixel_values[i : i + 256]), framing_filled=torch.from_numpy(filled[i : i + 256]))
+            for i in range(0, len(pixel_values), 256)
+        ]
     torch_age = torch.cat([o.age for o in outputs]).numpy()
     torch_gender = torch.cat([o.gender_logits.argmax(-1) for o in outputs]).numpy()
-    age_logits, gender_logits = onnx_logits(session, pixel_values)
+    age_logits, gender_logits = onnx_logits(session, pixel_values, filled)
     onnx_age = expected_ages(age_logits, model.config.min_age)
     figures = {"faces": int(len(pixel_values)), "gender_agreement": float((gender_logits.argmax(-1) == torch_gender).mean())}
     if ages is not None:
@@ -133,7 +142,8 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
     the real faces' training part to calibrate int8, UTKFace test and the real faces' validation part to check
     (the real faces where ../shared has them). No face both calibrates and checks."""
     from training.data import load_utkface, pixel_cache
-    from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, load_real_faces
+    from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, framing_filled, load_real_faces
+    from training.scoring import utkface_framing_filled
     from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
     def normalised(pixels: np.ndarray) -> np.ndarray:
@@ -147,18 +157,24 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
         return dataset if max_faces is None else dataset.shuffle(seed=0).select(range(min(max_faces, len(dataset))))
 
     splits = load_utkface(data, cache_dir, verbose=False)
+    def utkface(dataset) -> np.ndarray:
+        return np.full(len(dataset), utkface_framing_filled(processor))
+
+    def real(dataset) -> tuple[np.ndarray, None, np.ndarray]:
+        return normalised(cached(dataset)), None, framing_filled(dataset, processor.face_zoom).numpy()
+
+    validation, test = first(splits["validation"]), first(splits["test"])
     faces = {
-        "utkface_validation": (normalised(cached(first(splits["validation"]))), None),
-        "utkface_test": (normalised(cached(first(splits["test"]))), np.asarray(first(splits["test"])["age"], dtype=float)),
+        "utkface_validation": (normalised(cached(validation)), None, utkface(validation)),
+        "utkface_test": (normalised(cached(test)), np.asarray(test["age"], dtype=float), utkface(test)),
     }
     if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
-        real = load_real_faces(cache_dir=cache_dir, verbose=False, zoom=processor.face_zoom)
-        faces["real_faces_train"] = (normalised(cached(first(real["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))), None)
-        faces["real_faces_validation"] = (normalised(cached(first(real["validation"]))), None)
+        real_faces = load_real_faces(cache_dir=cache_dir, verbose=False, zoom=processor.face_zoom)
+        faces["real_faces_train"] = real(first(real_faces["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))
+        faces["real_faces_validation"] = real(first(real_faces["validation"]))
     if DEFAULT_WIDER_DEV.is_dir():  # the faces the app finds in wider-dev's real photos: checked, never calibrated on
-        pixels, _ = real_face_pixels(DEFAULT_WIDER_DEV, processor, cache_dir)
-        pixels = pixels if max_faces is None else pixels[:max_faces]
-        faces["wider_dev_found_faces"] = (normalised(pixels), None)
+        pixels, _, filled = (part[:max_faces] for part in real_face_pixels(DEFAULT_WIDER_DEV, processor, cache_dir))
+        faces["wider_dev_found_faces"] = (normalised(pixels), None, filled)
     return faces
 
 
@@ -172,14 +188,15 @@ def export(folder: str | Path, data: str, cache_dir: str | None = None, max_face
     faces = check_faces(data, cache_dir, processor, max_faces)
     out = folder / ONNX_DIR
     float_path = export_float(model, onnx_path(folder, "float32"))
-    calibration = np.concatenate([faces[name][0] for name in ("utkface_validation", "real_faces_train") if name in faces])
-    calibration = calibration[np.random.default_rng(0).permutation(len(calibration))[:CALIBRATION_FACES]]
+    sets = [faces[name] for name in ("utkface_validation", "real_faces_train") if name in faces]
+    order = np.random.default_rng(0).permutation(sum(len(pixels) for pixels, _, _ in sets))[:CALIBRATION_FACES]
+    calibration = tuple(np.concatenate([part[index] for part in sets])[order] for index in (0, 2))
     int8_path = quantize_int8(float_path, onnx_path(folder, "int8"), calibration)
     checked = {name: faces[name] for name in ("utkface_test", "real_faces_validation", "wider_dev_found_faces") if name in faces}
     report = {}
     for precision, path in (("float32", float_path), ("int8", int8_path)):
         session = cpu_session(path)
-        figures = {name: compare(model, session, pixels, ages) for name, (pixels, ages) in checked.items()}
+        figures = {name: compare(model, session, pixels, ages, filled) for name, (pixels, ages, filled) in checked.items()}
         report[precision] = {"file": f"{ONNX_DIR}/{path.name}", "passes": passes(figures, precision), **figures}
     if not report["int8"]["passes"]:
         int8_path.unlink()

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
@@ -55,7 +56,7 @@ FACE_SIZE_BANDS = ((0, 32, "under 32 px"), (32, 64, "32-63 px"), (64, 128, "64-1
 # annotators' disagreement, because the model reads older faces young (UTKFace MAE 7-9 years from 50 on), and
 # Senior reaches the oldest age the model predicts.
 AGE_GROUP_RANGES = [[13, 42], [22, 53], [35, 70], [52, 116]]
-REAL_FACES_CACHE_VERSION = 2
+REAL_FACES_CACHE_VERSION = 3
 CHIP_QUALITY = 95  # JPEG quality of the cached 200 px chips: what the model then reads at 64 px is unchanged by it
 
 FEATURES = Features(
@@ -75,6 +76,7 @@ FEATURES = Features(
         "file_name": Value("string"),
         "sha1": Value("string"),  # of the cached chip's bytes, which keys pixel caches as for UTKFace
         "zoom": Value("float32"),  # the chip's framing (`faces.alignment.align_face`); UTKFace's crops are at 1
+        "outside_share": Value("float32"),  # of the chip, outside the photo (`faces.alignment.share_outside_photo`)
     }
 )
 
@@ -148,7 +150,7 @@ def pick_detection(detections: list, box: np.ndarray | None, size: tuple[int, in
 def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: ScanReport, zoom: float = 1.0) -> list[dict]:
     """Detect, match and align every region at the framing `zoom`; each result is a row of `FEATURES`, each
     failure a line of the report."""
-    from faces.alignment import align_face
+    from faces.alignment import align_face, share_outside_photo
     from faces.detection import RetinaFaceDetector
     from faces.search import detect_in_photo
     from modeling.image_processing_age_gender import InvalidImageError, load_rgb_image
@@ -170,7 +172,8 @@ def chip_rows(regions: list[LabelledRegion], root: Path, source: str, report: Sc
         align_face(image, detection.landmarks, zoom=zoom).save(buffer, format="JPEG", quality=CHIP_QUALITY)
         chip = buffer.getvalue()
         rows.append({"image": {"bytes": chip, "path": None}, "age": -1, **region.labels, "source": source,
-                     "file_name": name, "sha1": hashlib.sha1(chip).hexdigest(), "zoom": zoom})
+                     "file_name": name, "sha1": hashlib.sha1(chip).hexdigest(), "zoom": zoom,
+                     "outside_share": share_outside_photo(image.size, detection.landmarks, zoom)})
     report.kept = len(rows)
     return rows
 
@@ -253,6 +256,16 @@ def load_real_faces(
     return DatasetDict(
         {name: everything.select([i for i, s in enumerate(splits) if s == name]) for name in ("train", "validation")}
     )
+
+
+def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
+    """Per face, whether its chip read at the framing `zoom` is framing filled (`faces.alignment.FILLED_SHARE`):
+    the share outside the photo as measured at the chip's own framing, grown by the widening when read wider."""
+    from faces.alignment import FILLED_SHARE
+
+    cut, outside = np.asarray(faces["zoom"], dtype=float), np.asarray(faces["outside_share"], dtype=float)
+    share = np.where(zoom > cut, 1 - (1 - outside) * (cut / zoom) ** 2, outside)
+    return torch.from_numpy(share > FILLED_SHARE)
 
 
 def size_band(face_height: float) -> str:

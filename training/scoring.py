@@ -23,36 +23,46 @@ def load_metric() -> evaluate.EvaluationModule:
 
 
 @torch.inference_mode()
-def face_distributions(model, processor, pixels: torch.Tensor, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def face_distributions(
+    model, processor, pixels: torch.Tensor, flip_tta: bool = False, framing_filled: torch.Tensor | bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Age and gender distributions for uint8 `(N, H, W, 3)` faces; with `flip_tta` the mirror image is
     predicted too and the two averaged, unless the model reads it already (`flip_average`: a shipped model as
-    a teacher), which would only read every face twice over."""
+    a teacher), which would only read every face twice over. `framing_filled` (per face, or one bool for all)
+    is passed to the model (`AgeGenderModel.forward`)."""
     pixels = pixels.permute(0, 3, 1, 2)
     views = [pixels, pixels.flip(-1)] if flip_tta and not model.config.flip_average else [pixels]
-    outputs = [model(pixel_values=processor.normalize_batch(view)) for view in views]
+    filled = None if framing_filled is None else torch.as_tensor(framing_filled, dtype=torch.bool).expand(len(pixels))
+    outputs = [model(pixel_values=processor.normalize_batch(view), framing_filled=filled) for view in views]
     age_probs = torch.stack([o.age_logits.softmax(-1) for o in outputs]).mean(0)
     gender_probs = torch.stack([model.gender_probabilities(o.gender_logits) for o in outputs]).mean(0)
     return age_probs, gender_probs
 
 
-def predict_batch(model, processor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def predict_batch(model, processor, pixels: torch.Tensor, framing_filled: bool | None = None) -> dict[str, torch.Tensor]:
     """Age, age spread and gender probabilities for uint8 `(N, H, W, 3)` faces (see `face_distributions`)."""
-    return summarize_predictions(*face_distributions(model, processor, pixels), model.config)
+    return summarize_predictions(*face_distributions(model, processor, pixels, framing_filled=framing_filled), model.config)
 
 
-def predict_distributions(model, processor, faces: torch.Tensor, flip_tta: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_distributions(
+    model, processor, faces: torch.Tensor, flip_tta: bool = False, batch_size: int = 512, framing_filled: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`face_distributions` of many faces in batches on the model's device, returned on the CPU."""
     model.eval()
-    parts = [face_distributions(model, processor, faces[i : i + batch_size].to(model.device), flip_tta) for i in range(0, len(faces), batch_size)]
+    parts = [
+        face_distributions(model, processor, faces[i : i + batch_size].to(model.device), flip_tta, None if framing_filled is None else framing_filled[i : i + batch_size])
+        for i in range(0, len(faces), batch_size)
+    ]
     return torch.cat([age.cpu() for age, _ in parts]), torch.cat([gender.cpu() for _, gender in parts])
 
 
-def predict_loader(model, processor, loader: DataLoader, accelerator) -> dict[str, np.ndarray]:
-    """Predictions and labels for every item of a (prepared) loader, gathered across processes."""
+def predict_loader(model, processor, loader: DataLoader, accelerator, framing_filled: bool | None = None) -> dict[str, np.ndarray]:
+    """Predictions and labels for every item of a (prepared) loader, gathered across processes; `framing_filled`
+    holds for every face (UTKFace's crops: `utkface_framing_filled`)."""
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
     for pixels, age, gender in tqdm(loader, desc="Predicting", leave=False, disable=not accelerator.is_local_main_process):
-        prediction = predict_batch(model, processor, pixels)
+        prediction = predict_batch(model, processor, pixels, framing_filled)
         batch = {
             "age_pred": prediction["age"],
             "age_std": prediction["age_std"],
@@ -142,13 +152,26 @@ def interval_report(predictions: dict[str, np.ndarray], config: AgeGenderConfig)
     return {"age_interval_coverage": interval_coverage(predictions, config), "age_interval_by_predicted_age": coverage_by_predicted_age(predictions, config)}
 
 
-def balanced_gender_accuracy(model, processor, faces: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float] | None:
-    """Gender accuracy of real faces `(pixels, genders)`: for women, for men, their mean (balanced: real photos
-    hold twice as many men, and the errors gather on women) and over all faces; None without faces."""
+def balanced_gender_accuracy(model, processor, faces: tuple[torch.Tensor, ...] | None) -> dict[str, float] | None:
+    """Gender accuracy of real faces `(pixels, genders[, framing_filled])`: for women, for men, their mean
+    (balanced: real photos hold twice as many men, and the errors gather on women) and over all faces; None
+    without faces."""
     if faces is None or not len(faces[1]):
         return None
-    age_probs, gender_probs = predict_distributions(model, processor, faces[0])
+    age_probs, gender_probs = predict_distributions(model, processor, faces[0], framing_filled=filled_flags(faces))
     return gender_figures(gender_probs, faces[1], age_statistics(age_probs, model.config.min_age)[0])
+
+
+def filled_flags(faces: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The `framing_filled` flags of a `(pixels, genders[, framing_filled])` tuple, if it has them."""
+    return faces[2] if len(faces) > 2 else None
+
+
+def utkface_framing_filled(processor) -> bool:
+    """Whether UTKFace's crops, widened to the processor's framing with their edge repeated, are framing filled."""
+    from faces.alignment import FILLED_SHARE, widened_crop_share
+
+    return widened_crop_share(processor.face_zoom) > FILLED_SHARE
 
 
 def gender_figures(gender_probs: torch.Tensor, genders: torch.Tensor, ages: torch.Tensor) -> dict[str, float]:
@@ -171,11 +194,11 @@ def calibrate_gender_temperature(model, processor, faces: tuple[torch.Tensor, to
     """The temperature that, dividing the gender logits, minimises the negative log-likelihood of the real
     faces' genders (Guo et al., "On Calibration of Modern Neural Networks", 2017): UTKFace-trained confidences
     ran high on real photos (a face shown at 85% was right 80% of the time). Accuracy is unchanged."""
-    pixels, genders = faces
+    pixels, genders = faces[:2]
     saved = model.config.gender_temperature
     model.config.gender_temperature = 1.0
     try:
-        _, gender_probs = predict_distributions(model, processor, pixels)
+        _, gender_probs = predict_distributions(model, processor, pixels, framing_filled=filled_flags(faces))
     finally:
         model.config.gender_temperature = saved
     log_probs = gender_probs.clamp_min(1e-7).log()  # logits up to a constant per face, which softmax ignores

@@ -266,7 +266,7 @@ class Run:
     val_loader: DataLoader
     test_loader: DataLoader
     metric: object
-    real_faces: tuple[torch.Tensor, torch.Tensor] | None = None  # wider-dev's found faces: reported, never chosen on
+    real_faces: tuple[torch.Tensor, ...] | None = None  # wider-dev's found faces (pixels, genders, framing_filled): reported, never chosen on
     real_validation: tuple[torch.Tensor, torch.Tensor] | None = None  # the real faces' validation part: chosen on
     projection: torch.nn.Module | None = None  # pooled features -> descriptor, with --descriptor_weight
 
@@ -398,8 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Like the pixel caches, the real-photo faces are detected once, by the main process, then read.
         real_faces = None
         if args.real_photos:
-            pixels, genders = real_face_pixels(args.real_photos, processor, args.cache_dir)
-            real_faces = (torch.from_numpy(pixels), torch.from_numpy(genders))
+            real_faces = tuple(torch.from_numpy(part) for part in real_face_pixels(args.real_photos, processor, args.cache_dir))
     if real_faces is not None:
         accelerator.print(f"real-photo check: {len(real_faces[1])} faces with a perceived gender found in {args.real_photos}")
 

@@ -89,9 +89,10 @@ def size_band(box: np.ndarray) -> str:
     return next(name for name, low, high in SIZE_BANDS if low <= height < high)
 
 
-def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None = None, min_height: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None = None, min_height: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The faces of wider-dev with a perceived gender that the app's detector finds, cut by the app's aligner
-    and made model-ready by `processor.to_uint8`: `(N, S, S, 3)` uint8 pixels and genders (0 male, 1 female).
+    and made model-ready by `processor.to_uint8`: `(N, S, S, 3)` uint8 pixels, genders (0 male, 1 female) and
+    whether each is framing filled (`faces.alignment.FILLED_SHARE`), as the app tells the model.
     Faces under `min_height` px are left out: too small to judge for annotators and model alike. Detection
     takes about half a minute, so the result is cached (never in the project: it holds WIDER pixels), keyed by
     the detector's settings too: they decide which faces are found."""
@@ -103,24 +104,24 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
 
     root = Path(root).resolve()
     settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{processor.face_zoom}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}"
-    key = hashlib.sha1(settings.encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{settings}|filled".encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
         with np.load(cache) as stored:
-            return stored["pixels"], stored["genders"]
-    pixels, genders = detect_real_faces(root, processor, min_height)
-    write_atomically(cache, lambda path: np.savez(path, pixels=pixels, genders=genders))
-    return pixels, genders
+            return stored["pixels"], stored["genders"], stored["filled"]
+    pixels, genders, filled = detect_real_faces(root, processor, min_height)
+    write_atomically(cache, lambda path: np.savez(path, pixels=pixels, genders=genders, filled=filled))
+    return pixels, genders, filled
 
 
-def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray]:
-    from faces.alignment import align_face
+def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from faces.alignment import FILLED_SHARE, align_face, share_outside_photo
     from faces.detection import RetinaFaceDetector
     from faces.search import detect_in_photo
     from modeling.image_processing_age_gender import load_rgb_image
 
     detector = RetinaFaceDetector()  # at its defaults, which key the cache
-    pixels, genders = [], []
+    pixels, genders, filled = [], [], []
     for photo in load_wider_dev(root):
         wanted = [i for i, g in enumerate(photo.genders) if g is not None and photo.boxes[i, 3] - photo.boxes[i, 1] >= min_height]
         if not wanted:
@@ -132,4 +133,5 @@ def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarra
             if i in matches:
                 pixels.append(processor.to_uint8(align_face(image, detections[matches[i]].landmarks, zoom=processor.face_zoom)))
                 genders.append(1 if photo.genders[i] == "female" else 0)
-    return np.stack(pixels), np.asarray(genders)
+                filled.append(share_outside_photo(image.size, detections[matches[i]].landmarks, processor.face_zoom) > FILLED_SHARE)
+    return np.stack(pixels), np.asarray(genders), np.asarray(filled)
