@@ -24,12 +24,12 @@ from .search import detect_in_photo
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model"
 # On real photos a gender given with at least this confidence was right 96.5% of the time (v5 on wider-dev: 542
 # of 876 faces) and under it 69% (334 faces), so labels mark the genders under it as guesses (v6: 96.3% of the
-# 65% of faces shown without "?").
+# 65% of faces shown without "?"; v7: 95.4% of 69%).
 CONFIDENT_GENDER_SCORE = 0.9
 # A child's gender is a guess however sure the model is: on UTKFace's validation split v5 gave 84 of the 241
 # faces it reads as under 10 years a gender at 90% or more, and those were right 84.5% of the time, against 98.7%
 # from 10 years on (test split: 91.0% against 98.2%; docs/experiments.md); v6 gave 91 of 255 such faces, right
-# 90.1% of the time against 98.6%.
+# 90.1% of the time against 98.6%, v7 92 of 256, right 90.2% against 98.6%.
 CHILD_AGE = 10
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 

@@ -15,6 +15,7 @@ from conftest import ROOT, face_like, require_shipped_model
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from modeling.modeling_age_gender import read_faces
 from training.combine_models import combine_models, combined_processor
+from faces.onnx_model import onnx_inputs
 from training.export_onnx import export_float
 from training.model_card import framing_note, reading_note, write_model_card
 
@@ -87,6 +88,7 @@ def test_a_network_reads_a_wider_framing_at_full_scale_when_asked(tmp_path):
     combined = combine_models([tight, native])
     assert combined.config.network_read_sizes == [32, 42] and combined.config.input_size == 42
     assert "read framings 1 at 32 px, 1.3125 at 42 px" in framing_note(combined.config)
+    assert "mostly its photo's repeated edge" in framing_note(combined.config) and "repeated edge" not in framing_note(native.config)
     for mixed, a, b in zip(logits(combined, pixels), logits(tight, pixels[..., 5:37, 5:37]), logits(native, pixels)):
         torch.testing.assert_close(mixed, (a + b) / 2)
     session = ort.InferenceSession(str(export_float(combined, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
@@ -214,25 +216,31 @@ def test_an_impossible_ensemble_size_is_refused(size):
 
 
 def test_the_command_combines_the_shipped_model_with_itself_and_it_exports_to_onnx(tmp_path):
-    """The shipped model twice over must answer as the shipped model read once; through the CLI and ONNX."""
+    """The shipped model twice over (v7: its two networks twice) must answer as the shipped model read once, faces
+    framed from a photo and edge-filled ones alike; through the CLI and ONNX."""
     shipped = require_shipped_model()
     out = tmp_path / "pair"
     done = subprocess.run(
         [sys.executable, "-m", "training.combine_models", str(out), str(shipped), str(shipped)],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
-    assert f"2 networks in {out} (flip_average False)" in done.stdout and "--calibrate" in done.stdout
+    single = AgeGenderModel.from_pretrained(shipped)
+    networks = 2 * single.config.ensemble_size
+    assert f"{networks} networks in {out} (flip_average False)" in done.stdout and "--calibrate" in done.stdout
     processor = AgeGenderImageProcessor.from_pretrained(out)
     pixels = processor([face_like(seed) for seed in range(4)], return_tensors="pt")["pixel_values"]
-    single = AgeGenderModel.from_pretrained(shipped)
     single.config.flip_average = False
     pair = AgeGenderModel.from_pretrained(out)
-    for a, b in zip(logits(pair, pixels), logits(single, pixels)):
-        torch.testing.assert_close(a, b)
+    filled = torch.tensor([True, False, False, True])
+    with torch.no_grad():
+        for a, b in zip(logits(pair, pixels), logits(single, pixels)):
+            torch.testing.assert_close(a, b)
+        expected = single(pixel_values=pixels, framing_filled=filled).gender_logits
+        torch.testing.assert_close(pair(pixel_values=pixels, framing_filled=filled).gender_logits, expected)
 
     session = ort.InferenceSession(str(export_float(pair, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
-    gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(gender), logits(single, pixels)[1], atol=1e-4, rtol=1e-4)
+    gender = session.run(["gender_logits"], onnx_inputs([i.name for i in session.get_inputs()], pixels.numpy(), filled.numpy()))[0]
+    torch.testing.assert_close(torch.from_numpy(gender), expected, atol=1e-4, rtol=1e-4)
 
     missing = subprocess.run([sys.executable, "-m", "training.combine_models", str(tmp_path / "x"), str(shipped), str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr
@@ -250,7 +258,8 @@ def test_the_combined_model_card_names_each_network_and_how_it_reads(tmp_path):
     assert [n["command"] for n in metrics["networks"]] == [original["command"]] * 2
     assert metrics["parameters"] == 2 * original["parameters"] and metrics["train_sources"] == original["train_sources"]
     card = write_model_card(out, {**metrics, "test": original["test"], "validation": original["validation"]}).read_text()
-    assert "Each face is read once by each of its 2 networks (`ensemble_size`), their logits averaged, at 2 times" in card
+    networks = 2 * json.loads((shipped / "config.json").read_text()).get("ensemble_size", 1)
+    assert f"Each face is read once by each of its {networks} networks (`ensemble_size`), their logits averaged" in card
     assert "# network 2 (" in card and original["command"] in card and "combine_models.py" in card
     # the note on a fine-tune follows the command (the shipped v6 ran from scratch; v4 and v5 were fine-tunes)
     assert ("--init_from" in original["command"]) == ("starts from the weights of an earlier model" in card)

@@ -97,7 +97,10 @@ side = min(face.size)
 left, top = (face.width - side) // 2, (face.height - side) // 2
 face = face.crop((left, top, left + side, top + side)).resize((preprocessing["image_size"],) * 2, Image.BILINEAR)
 pixels = (np.asarray(face, np.float32) / 255 - preprocessing["image_mean"]) / preprocessing["image_std"]
-age_logits, gender_logits = onnx_model.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})
+inputs = {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)}
+if "framing_filled" in [i.name for i in onnx_model.get_inputs()]:  # networks of two framings
+    inputs["framing_filled"] = np.array([False])  # True: the crop's framing is mostly its photo's repeated edge
+age_logits, gender_logits = onnx_model.run(None, inputs)
 
 ages = np.exp(age_logits[0] - age_logits[0].max())
 age = float(ages / ages.sum() @ np.arange(config["min_age"], config["max_age"] + 1))
@@ -164,10 +167,17 @@ def framing_note(config: AgeGenderConfig) -> str:
     if config.input_zoom == 1:
         return ""
     said = ", ".join(f"{zoom:g} at {size} px" for zoom, size in zip(config.network_zooms, config.network_read_sizes))
-    return (
+    note = (
         f" Faces are framed {config.input_zoom:g} times wider than UTKFace's crops about the face's centre (`face_zoom` in "
         f"preprocessor_config.json; the app's aligner cuts them so); its networks read framings {said} out of that."
     )
+    if config.reads_framings_apart:
+        note += (
+            " A face whose wider framing is mostly its photo's repeated edge (a face crop given as it is, UTKFace's among"
+            " them, or a face at a photo's border: `framing_filled`) is read by the tightest-framed networks beside its"
+            " mirror image instead."
+        )
+    return note
 
 
 def reading_note(config: dict) -> str:
