@@ -70,6 +70,21 @@ def require_shipped_model() -> Path:
     return SHIPPED_MODEL
 
 
+@pytest.fixture(scope="session")
+def shipped_network(tmp_path_factory) -> Path:
+    """The shipped model's first network saved alone (v7's is v6's: 64 px at UTKFace's framing, read beside its
+    mirror image), for what takes a single network (grow_model, narrow_model) or compares with it."""
+    from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+
+    shipped, folder = require_shipped_model(), tmp_path_factory.mktemp("shipped_network")
+    config = AgeGenderConfig.from_pretrained(shipped)
+    alone = {"ensemble_size": 1, "network_zooms": config.network_zooms[:1], "network_read_sizes": config.network_read_sizes[:1],
+             "network_hidden_sizes": None, "network_embedding_sizes": None, "flip_average": True}
+    AgeGenderModel.from_pretrained(shipped, config=AgeGenderConfig.from_dict({**config.to_dict(), **alone})).save_pretrained(folder)
+    AgeGenderImageProcessor(image_size=config.network_read_sizes[0], face_zoom=config.network_zooms[0]).save_pretrained(folder)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -341,24 +341,18 @@ def test_the_share_of_a_chip_outside_its_photo_is_what_the_aligner_fills():
     assert widened_crop_share(1.0) == widened_crop_share(0.8) == 0
 
 
-def test_the_shipped_pair_of_framings_reads_a_face_crop_with_its_tight_network_alone(analyzer, tmp_path):
+def test_the_shipped_pair_of_framings_reads_a_face_crop_with_its_tight_network_alone(analyzer, shipped_network):
     """v7 reads faces with v6's network and one at a 1.3125 times wider framing: a face crop given as it is, whose
     wider framing is 42% repeated edge, is read by v6's network beside its mirror image (the shipped model's first
     network saved alone, reading the crop at its own framing, answers the same); the faces of a photo, framed from
     the photo, by both networks."""
     from faces import FaceAnalyzer
     from faces.alignment import FILLED_SHARE, share_outside_photo
-    from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+    from modeling import AgeGenderConfig
 
-    shipped = require_shipped_model()
-    config = AgeGenderConfig.from_pretrained(shipped)
-    assert config.reads_framings_apart and analyzer.processor.face_zoom == 1.3125
-    alone = AgeGenderConfig.from_dict({**config.to_dict(), "ensemble_size": 1, "network_zooms": [1.0], "network_read_sizes": [64],
-                                       "network_hidden_sizes": None, "network_embedding_sizes": None, "flip_average": True})
-    AgeGenderModel.from_pretrained(shipped, config=alone).save_pretrained(tmp_path)
-    AgeGenderImageProcessor(image_size=64).save_pretrained(tmp_path)
+    assert AgeGenderConfig.from_pretrained(require_shipped_model()).reads_framings_apart and analyzer.processor.face_zoom == 1.3125
     crop = Image.open(EXAMPLES / "obama.jpg")
-    (tight,) = FaceAnalyzer(model=tmp_path, dtype="float32").analyze(crop, assume_face_crop=True).faces
+    (tight,) = FaceAnalyzer(model=shipped_network, dtype="float32").analyze(crop, assume_face_crop=True).faces
     paired = FaceAnalyzer(dtype="float32")
     (read,) = paired.analyze(crop, assume_face_crop=True).faces
     assert abs(read.age - tight.age) < 1 and read.gender == tight.gender and abs(read.gender_score - tight.gender_score) < 0.02

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, face_like, require_shipped_model
+from conftest import ROOT, face_like
 from modeling import AgeGenderImageProcessor, AgeGenderModel
 from training.grow_model import grow_model
 from training.narrow_model import narrow_model
@@ -18,13 +18,13 @@ NARROW = {"hidden_sizes": [20, 40, 80, 160], "embedding_size": 20}
 
 
 @pytest.fixture(scope="module")
-def shipped() -> AgeGenderModel:
-    return AgeGenderModel.from_pretrained(require_shipped_model()).eval()
+def shipped(shipped_network) -> AgeGenderModel:
+    return AgeGenderModel.from_pretrained(shipped_network).eval()
 
 
 @pytest.fixture(scope="module")
-def faces() -> torch.Tensor:
-    processor = AgeGenderImageProcessor.from_pretrained(require_shipped_model())
+def faces(shipped_network) -> torch.Tensor:
+    processor = AgeGenderImageProcessor.from_pretrained(shipped_network)
     return processor([face_like(seed) for seed in range(8)], return_tensors="pt")["pixel_values"]
 
 
@@ -77,10 +77,10 @@ def test_refuses_what_cannot_keep_the_model(shipped, overrides, words):
         grow_model(shipped, **overrides)
 
 
-def test_command_writes_a_model_folder_train_can_start_from(tmp_path, faces, shipped):
+def test_command_writes_a_model_folder_train_can_start_from(tmp_path, faces, shipped, shipped_network):
     out = tmp_path / "grown"
     done = subprocess.run(
-        [sys.executable, "-m", "training.grow_model", str(require_shipped_model()), str(out), "--hidden_sizes", "40", "80", "160", "320", "--embedding_size", "40"],
+        [sys.executable, "-m", "training.grow_model", str(shipped_network), str(out), "--hidden_sizes", "40", "80", "160", "320", "--embedding_size", "40"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     assert "grown model" in done.stdout and str(out) in done.stdout
@@ -127,8 +127,8 @@ def test_narrowing_refuses_widths_it_cannot_make(shipped, overrides, words):
         narrow_model(shipped, **overrides)
 
 
-def test_narrowing_command_writes_a_model_folder_train_can_start_from(tmp_path, shipped, faces):
-    source, out = require_shipped_model(), tmp_path / "narrow"
+def test_narrowing_command_writes_a_model_folder_train_can_start_from(tmp_path, shipped, faces, shipped_network):
+    source, out = shipped_network, tmp_path / "narrow"
     widths = [str(width) for width in NARROW["hidden_sizes"]]
     done = subprocess.run(
         [sys.executable, "-m", "training.narrow_model", str(source), str(out), "--hidden_sizes", *widths, "--embedding_size", "20"],
