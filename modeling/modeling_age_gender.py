@@ -341,21 +341,23 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def views(self, pixel_values: torch.Tensor, indices) -> dict[tuple[float, int], torch.Tensor]:
+    def views(self, pixel_values: torch.Tensor, indices: list[int] | range) -> dict[tuple[float, int], torch.Tensor]:
         """Each framing that the networks at `indices` read, cut out of the model's input (`framed_view`)."""
         readings = {(self.config.network_zooms[index], self.config.network_read_sizes[index]) for index in indices}
         return {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in readings}
 
-    def read(self, views: dict[tuple[float, int], torch.Tensor], indices, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(
+        self, views: dict[tuple[float, int], torch.Tensor], indices: list[int] | range, mirrored: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pooled features (side by side) and logits (averaged) of the networks at `indices`, each reading its own
         framing among `views`, and with `mirrored` its mirror image too (averaged)."""
         if mirrored:
             views = {reading: torch.cat([view, view.flip(-1)]) for reading, view in views.items()}
-        if torch.compiler.is_exporting():  # a subset of a batch has a size only known at run time; ONNX runs any
-            for view in views.values():
+        if torch.compiler.is_exporting():  # a subset's size is known only at run time: the exporter traces it as
+            for view in views.values():  # non-empty, and onnxruntime reads empty ones too (tests/test_combine_models.py)
                 torch._check(view.shape[0] != 0)
-        networks = self.networks()
-        readings = [(network, views[self.config.network_zooms[index], self.config.network_read_sizes[index]]) for index, network in ((i, networks[i]) for i in indices)]
+        networks, config = self.networks(), self.config
+        readings = [(networks[i], views[config.network_zooms[i], config.network_read_sizes[i]]) for i in indices]
         features, age_logits, gender_logits = zip(*(read_faces(network, view) for network, view in readings))
         features = torch.cat(features, dim=-1)
         age_logits, gender_logits = torch.stack(age_logits).mean(0), torch.stack(gender_logits).mean(0)
@@ -373,8 +375,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         everything = range(self.config.ensemble_size)
         views = self.views(pixel_values, everything)
         features, age_logits, gender_logits = self.read({k: v[~filled] for k, v in views.items()}, everything, self.config.flip_average)
-        tight_views = self.views(pixel_values, tight)
-        filled_features, filled_age, filled_gender = self.read({k: v[filled] for k, v in tight_views.items()}, tight, True)
+        filled_features, filled_age, filled_gender = self.read({k: v[filled] for k, v in self.views(pixel_values, tight).items()}, tight, True)
         faces = pixel_values.shape[0]
         all_features = features.new_zeros(faces, features.shape[-1])
         all_age, all_gender = age_logits.new_zeros(faces, age_logits.shape[-1]), gender_logits.new_zeros(faces, 2)
