@@ -70,6 +70,17 @@ def widened_crop_share(zoom: float) -> float:
     return max(0.0, 1 - 1 / zoom**2)
 
 
+def framing_filled_in_photo(photo_size: tuple[int, int], landmarks: np.ndarray, zoom: float) -> bool:
+    """Whether the face's chip at framing `zoom` has more than `FILLED_SHARE` of it outside the photo."""
+    return share_outside_photo(photo_size, landmarks, zoom) > FILLED_SHARE
+
+
+def widened_crop_filled(zoom: float) -> bool:
+    """Whether a crop widened `zoom` times by `reframe_chip` (UTKFace's, a face crop given as it is) has more than
+    `FILLED_SHARE` of it repeated edge."""
+    return widened_crop_share(zoom) > FILLED_SHARE
+
+
 def align_face(photo: Image.Image, landmarks: np.ndarray, size: int = CHIP_SIZE, zoom: float = 1.0) -> Image.Image:
     """A `size` x `size` RGB crop of the face whose 5 landmarks (in the photo's pixels) are given, framed like
     UTKFace's crops, or `zoom` times wider (`zoomed_template`). Areas outside the photo are filled by repeating its

@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoModel
 import modeling  # noqa: F401  (registers the model with the Auto classes)
 from modeling.image_processing_age_gender import ImageLike, load_rgb_image
 
-from .alignment import CHIP_SIZE, FILLED_SHARE, align_face, reframe_chip, share_outside_photo, widened_crop_share
+from .alignment import CHIP_SIZE, align_face, framing_filled_in_photo, reframe_chip, widened_crop_filled
 from .detection import Detection, RetinaFaceDetector
 from .onnx_model import OnnxAgeGenderModel
 from .search import detect_in_photo
@@ -218,8 +218,8 @@ class FaceAnalyzer:
         one face when `assume_face_crop` is set; no face found gives no faces."""
         photo = self.load_photo(image)
         if assume_face_crop:  # framed as UTKFace frames its faces, as a face crop is taken to be
-            widened = widened_crop_share(self.processor.face_zoom) > FILLED_SHARE
-            face = self.predict_faces([reframe_chip(photo, self.processor.face_zoom)], [widened])[0]
+            zoom = self.processor.face_zoom
+            face = self.predict_faces([reframe_chip(photo, zoom)], [widened_crop_filled(zoom)])[0]
             face.box = [0, 0, photo.width, photo.height]
             return PhotoResult(image=photo, faces=[face])
         detections = self.detect(photo, min_score)
@@ -231,7 +231,7 @@ class FaceAnalyzer:
         (clipped to the photo), landmarks and detection score filled in."""
         zoom = self.processor.face_zoom
         crops = [align_face(photo, d.landmarks, CHIP_SIZE, zoom) for photo, found in zip(photos, detections) for d in found]
-        filled = [share_outside_photo(photo.size, d.landmarks, zoom) > FILLED_SHARE for photo, found in zip(photos, detections) for d in found]
+        filled = [framing_filled_in_photo(photo.size, d.landmarks, zoom) for photo, found in zip(photos, detections) for d in found]
         records = iter(self.predict_faces(crops, filled))
         labelled = []
         for photo, found in zip(photos, detections):

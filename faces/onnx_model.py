@@ -69,12 +69,13 @@ class OnnxAgeGenderModel:
             )
         self.config = AutoConfig.from_pretrained(folder)
         self.session = cpu_session(path, threads or usable_cores())
+        self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
         self.path = path
 
     def __call__(self, pixel_values: torch.Tensor, framing_filled: torch.Tensor | None = None, **kwargs) -> AgeGenderOutput:
         pixels = np.ascontiguousarray(pixel_values.detach().cpu().float().numpy())
         filled = np.zeros(len(pixels), dtype=bool) if framing_filled is None else framing_filled.cpu().numpy().astype(bool)
-        inputs = onnx_inputs([i.name for i in self.session.get_inputs()], pixels, filled)
+        inputs = onnx_inputs(self.input_names, pixels, filled)
         age_logits, gender_logits = (torch.from_numpy(x) for x in self.session.run(None, inputs))
         age, age_std = age_statistics(age_logits.softmax(-1), self.config.min_age)
         return AgeGenderOutput(age=age, age_std=age_std, age_logits=age_logits, gender_logits=gender_logits)

@@ -253,13 +253,14 @@ def test_children_are_why_their_gender_is_always_a_guess():
     from modeling import AgeGenderImageProcessor, AgeGenderModel
     from modeling.modeling_age_gender import age_statistics
     from training.data import load_utkface, pixel_cache
-    from training.scoring import predict_distributions, utkface_framing_filled
+    from faces.alignment import widened_crop_filled
+    from training.scoring import predict_distributions
 
     archive, model_dir = require_real_archive(), require_shipped_model()
     faces = load_utkface(archive)["validation"]
     model, processor = AgeGenderModel.from_pretrained(model_dir).eval(), AgeGenderImageProcessor.from_pretrained(model_dir)
     pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, None)))
-    age_probs, gender_probs = predict_distributions(model, processor, pixels, framing_filled=torch.full((len(pixels),), utkface_framing_filled(processor)))
+    age_probs, gender_probs = predict_distributions(model, processor, pixels, framing_filled=torch.full((len(pixels),), widened_crop_filled(processor.face_zoom)))
     ages, _ = age_statistics(age_probs, model.config.min_age)
     right = (gender_probs.argmax(-1) == torch.tensor(faces["gender"])).numpy()
     sure, child = (gender_probs.max(-1).values >= CONFIDENT_GENDER_SCORE).numpy(), (ages < CHILD_AGE).numpy()

@@ -26,13 +26,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoImageProcessor, AutoModel
 
 import modeling  # noqa: F401  (registers the model with the Auto classes)
+from faces.alignment import widened_crop_filled
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
 from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES
 from training.scoring import (
     balanced_gender_accuracy, calibrate_gender_temperature, calibrate_interval_scale, gender_figures, interval_report, load_metric, predict_distributions, predict_loader, score,
-    utkface_framing_filled,
 )
 from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
@@ -165,7 +165,7 @@ def recalibrate(model, processor, validation, args: argparse.Namespace, accelera
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: --calibrate needs a local model folder; {args.model} has no config.json")
     loader = accelerator.prepare(face_loader(validation, processor, args))
-    val_predictions = predict_loader(model, processor, loader, accelerator, utkface_framing_filled(processor))
+    val_predictions = predict_loader(model, processor, loader, accelerator, widened_crop_filled(processor.face_zoom))
     model.config.age_interval_scale = calibrate_interval_scale(val_predictions, model.config)
     figures = {"validation": score(val_predictions, load_metric())}
     calibrated = {
@@ -205,7 +205,7 @@ def record_calibrated_figures(
     if not metrics_file.is_file():
         return
     if args.split != "test":
-        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator, utkface_framing_filled(processor))
+        predictions = predict_loader(model, processor, accelerator.prepare(face_loader(splits["test"], processor, args)), accelerator, widened_crop_filled(processor.face_zoom))
     test = {**score(predictions, load_metric()), **interval_report(predictions, model.config)}
 
     def change(metrics: dict) -> None:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = concatenate_datasets(list(splits.values())) if args.split == "all" else splits[args.split]
     loader = face_loader(dataset, processor, args)
     calibrated = recalibrate(model, processor, splits["validation"], args, accelerator) if args.calibrate else None
-    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, utkface_framing_filled(processor))
+    predictions = predict_loader(model, processor, accelerator.prepare(loader), accelerator, widened_crop_filled(processor.face_zoom))
     if calibrated:
         record_calibrated_figures(model, processor, splits, predictions, calibrated, args, accelerator)
     report = breakdown(predictions, np.asarray(dataset["race"]), load_metric())

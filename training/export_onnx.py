@@ -70,13 +70,20 @@ def head_nodes(path: Path) -> list[str]:
     return [node.name for node in onnx.load(str(path), load_external_data=False).graph.node if node.op_type in ("Gemm", "MatMul")]
 
 
+def graph_inputs(path: Path) -> list[str]:
+    """The names of the graph's inputs (`pixel_values`, and `framing_filled` where the model takes it)."""
+    import onnx
+
+    return [graph_input.name for graph_input in onnx.load(str(path), load_external_data=False).graph.input]
+
+
 def quantize_int8(float_path: Path, int8_path: Path, calibration: tuple[np.ndarray, np.ndarray]) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) with activation ranges measured on real faces; the
     heads stay float32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    session_inputs = [i.name for i in cpu_session(float_path).get_inputs()]
+    session_inputs = graph_inputs(float_path)
 
     class Faces(CalibrationDataReader):
         def __init__(self):
@@ -143,7 +150,7 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
     (the real faces where ../shared has them). No face both calibrates and checks."""
     from training.data import load_utkface, pixel_cache
     from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, framing_filled, load_real_faces
-    from training.scoring import utkface_framing_filled
+    from faces.alignment import widened_crop_filled
     from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
     def normalised(pixels: np.ndarray) -> np.ndarray:
@@ -157,8 +164,9 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
         return dataset if max_faces is None else dataset.shuffle(seed=0).select(range(min(max_faces, len(dataset))))
 
     splits = load_utkface(data, cache_dir, verbose=False)
+
     def utkface(dataset) -> np.ndarray:
-        return np.full(len(dataset), utkface_framing_filled(processor))
+        return np.full(len(dataset), widened_crop_filled(processor.face_zoom))
 
     def real(dataset) -> tuple[np.ndarray, None, np.ndarray]:
         return normalised(cached(dataset)), None, framing_filled(dataset, processor.face_zoom).numpy()

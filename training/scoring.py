@@ -58,7 +58,7 @@ def predict_distributions(
 
 def predict_loader(model, processor, loader: DataLoader, accelerator, framing_filled: bool | None = None) -> dict[str, np.ndarray]:
     """Predictions and labels for every item of a (prepared) loader, gathered across processes; `framing_filled`
-    holds for every face (UTKFace's crops: `utkface_framing_filled`)."""
+    holds for every face (UTKFace's crops: `faces.alignment.widened_crop_filled`)."""
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
     for pixels, age, gender in tqdm(loader, desc="Predicting", leave=False, disable=not accelerator.is_local_main_process):
@@ -165,13 +165,6 @@ def balanced_gender_accuracy(model, processor, faces: tuple[torch.Tensor, ...] |
 def filled_flags(faces: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The `framing_filled` flags of a `(pixels, genders[, framing_filled])` tuple, if it has them."""
     return faces[2] if len(faces) > 2 else None
-
-
-def utkface_framing_filled(processor) -> bool:
-    """Whether UTKFace's crops, widened to the processor's framing with their edge repeated, are framing filled."""
-    from faces.alignment import FILLED_SHARE, widened_crop_share
-
-    return widened_crop_share(processor.face_zoom) > FILLED_SHARE
 
 
 def gender_figures(gender_probs: torch.Tensor, genders: torch.Tensor, ages: torch.Tensor) -> dict[str, float]:

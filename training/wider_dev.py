@@ -103,8 +103,8 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
     from training.data import default_cache_dir, write_atomically
 
     root = Path(root).resolve()
-    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{processor.face_zoom}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}"
-    key = hashlib.sha1(f"{settings}|filled".encode()).hexdigest()[:16]
+    settings = f"{root}|{(root / 'label.txt').stat().st_mtime_ns}|{processor.image_size}|{processor.face_zoom}|{min_height}|{DEFAULT_SCORE_THRESHOLD}|{DEFAULT_NMS_THRESHOLD}|{PHOTO_SEARCH_VERSION}|filled"
+    key = hashlib.sha1(settings.encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"wider-dev-faces-{key}.npz"
     if cache.is_file():
         with np.load(cache) as stored:
@@ -115,7 +115,7 @@ def real_face_pixels(root: str | Path, processor, cache_dir: str | Path | None =
 
 
 def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from faces.alignment import FILLED_SHARE, align_face, share_outside_photo
+    from faces.alignment import align_face, framing_filled_in_photo
     from faces.detection import RetinaFaceDetector
     from faces.search import detect_in_photo
     from modeling.image_processing_age_gender import load_rgb_image
@@ -133,5 +133,5 @@ def detect_real_faces(root: Path, processor, min_height: int) -> tuple[np.ndarra
             if i in matches:
                 pixels.append(processor.to_uint8(align_face(image, detections[matches[i]].landmarks, zoom=processor.face_zoom)))
                 genders.append(1 if photo.genders[i] == "female" else 0)
-                filled.append(share_outside_photo(image.size, detections[matches[i]].landmarks, processor.face_zoom) > FILLED_SHARE)
+                filled.append(framing_filled_in_photo(image.size, detections[matches[i]].landmarks, processor.face_zoom))
     return np.stack(pixels), np.asarray(genders), np.asarray(filled)
