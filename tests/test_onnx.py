@@ -101,3 +101,16 @@ def test_onnxruntime_snippet_runs_with_numpy_and_pil_only(exported, tmp_path, do
     assert result.returncode == 0, result.stderr[-2000:]
     (face,) = analyzer.predict_faces([tmp_path / "face.jpg"])
     assert result.stdout.startswith(f"{face.gender}, {face.age:.0f} years ({face.gender_score:.0%}"), (result.stdout, face)
+
+
+def test_shipped_int8_export_passed_its_checks_and_readme_quotes_them():
+    """The shipped model offers int8 because its export met the tolerances, and README's ONNX paragraph gives the
+    agreement figures of the export that is shipped."""
+    folder = require_shipped_model()
+    checks = json.loads((folder / "onnx" / "checks.json").read_text())["int8"]
+    assert checks["passes"] and (folder / "onnx" / "model_int8.onnx").is_file()
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("### ONNX and onnxruntime") :]
+    for name in ("utkface_test", "real_faces_validation", "wider_dev_found_faces"):
+        assert f"{checks[name]['gender_agreement']:.1%}" in paragraph, name
+    assert f"MAE {checks['utkface_test']['age_mae_difference']:.2f} years from torch's" in paragraph
