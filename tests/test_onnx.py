@@ -114,3 +114,15 @@ def test_shipped_int8_export_passed_its_checks_and_readme_quotes_them():
     for name in ("utkface_test", "real_faces_validation", "wider_dev_found_faces"):
         assert f"{checks[name]['gender_agreement']:.1%}" in paragraph, name
     assert f"MAE {checks['utkface_test']['age_mae_difference']:.2f} years from torch's" in paragraph
+
+
+def test_face_analyzer_on_the_shipped_int8_graph_reads_photos_as_torch_does():
+    """`runtime="onnx-int8"` on the shipped folder: the same faces, genders and ages within a year of torch's."""
+    from faces import FaceAnalyzer
+
+    for photo in ("three_portraits.jpg", "astronaut.jpg"):
+        torch_faces = FaceAnalyzer(dtype="float32").analyze(EXAMPLES / photo).faces
+        int8_faces = FaceAnalyzer(runtime="onnx-int8").analyze(EXAMPLES / photo).faces
+        assert len(int8_faces) == len(torch_faces) >= 1
+        for a, b in zip(torch_faces, int8_faces):
+            assert a.box == b.box and a.gender == b.gender and abs(a.age - b.age) < 1.0 and abs(a.gender_score - b.gender_score) < 0.05
