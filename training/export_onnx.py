@@ -80,9 +80,9 @@ def graph_inputs(path: Path) -> list[str]:
 def quantize_int8(float_path: Path, int8_path: Path, calibration: tuple[np.ndarray, np.ndarray]) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) with activation ranges measured on real faces; the
     heads stay float32. Each activation's range is the moving average of the calibration batches' minima and
-    maxima rather than the extremes of all of them: one outlying face no longer stretches a range, and the
-    narrowed network of a two-framing model, whose ranges the extremes left too coarse (98.9% gender agreement
-    on wider-dev's found faces, under the 99% asked), agrees with torch on 99.4-99.7% of each check set."""
+    maxima rather than the extremes of all of them, so that a few outlying faces do not stretch a range: v7's
+    export agreed with torch on 98.9% of wider-dev's found faces with the extremes (under the 99% asked), on
+    99.4-99.7% of each check set with the moving average (docs/experiments.md)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
