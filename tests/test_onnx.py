@@ -110,14 +110,15 @@ def test_shipped_int8_export_passed_its_checks_and_readme_quotes_them():
     checks = json.loads((folder / "onnx" / "checks.json").read_text())["int8"]
     assert checks["passes"] and (folder / "onnx" / "model_int8.onnx").is_file()
     readme = (ROOT / "README.md").read_text()
-    paragraph = readme[readme.index("### ONNX and onnxruntime") :]
+    paragraph = " ".join(readme[readme.index("### ONNX and onnxruntime") :].split())
     for name in ("utkface_test", "real_faces_validation", "wider_dev_found_faces"):
         assert f"{checks[name]['gender_agreement']:.1%}" in paragraph, name
     assert f"MAE {checks['utkface_test']['age_mae_difference']:.2f} years from torch's" in paragraph
 
 
 def test_face_analyzer_on_the_shipped_int8_graph_reads_photos_as_torch_does():
-    """`runtime="onnx-int8"` on the shipped folder: the same faces, genders and ages within a year of torch's."""
+    """`runtime="onnx-int8"` on the shipped folder: the same faces and genders as torch, ages within two years (the
+    export's checks hold the mean difference, 0.2-0.3 years; single faces move more)."""
     from faces import FaceAnalyzer
 
     for photo in ("three_portraits.jpg", "astronaut.jpg"):
@@ -125,4 +126,4 @@ def test_face_analyzer_on_the_shipped_int8_graph_reads_photos_as_torch_does():
         int8_faces = FaceAnalyzer(runtime="onnx-int8").analyze(EXAMPLES / photo).faces
         assert len(int8_faces) == len(torch_faces) >= 1
         for a, b in zip(torch_faces, int8_faces):
-            assert a.box == b.box and a.gender == b.gender and abs(a.age - b.age) < 1.0 and abs(a.gender_score - b.gender_score) < 0.05
+            assert a.box == b.box and a.gender == b.gender and abs(a.age - b.age) < 2.0 and abs(a.gender_score - b.gender_score) < 0.05
