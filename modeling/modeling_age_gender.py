@@ -341,10 +341,13 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def readings(self, indices: list[int] | range) -> set[tuple[float, int]]:
+        """The framings (zoom, read size) that the networks at `indices` read."""
+        return {(self.config.network_zooms[index], self.config.network_read_sizes[index]) for index in indices}
+
     def views(self, pixel_values: torch.Tensor, indices: list[int] | range) -> dict[tuple[float, int], torch.Tensor]:
         """Each framing that the networks at `indices` read, cut out of the model's input (`framed_view`)."""
-        readings = {(self.config.network_zooms[index], self.config.network_read_sizes[index]) for index in indices}
-        return {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in readings}
+        return {(zoom, size): framed_view(pixel_values, zoom / self.config.input_zoom, size) for zoom, size in self.readings(indices)}
 
     def read(
         self, views: dict[tuple[float, int], torch.Tensor], indices: list[int] | range, mirrored: bool
@@ -375,7 +378,7 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         everything = range(self.config.ensemble_size)
         views = self.views(pixel_values, everything)
         features, age_logits, gender_logits = self.read({k: v[~filled] for k, v in views.items()}, everything, self.config.flip_average)
-        filled_features, filled_age, filled_gender = self.read({k: v[filled] for k, v in self.views(pixel_values, tight).items()}, tight, True)
+        filled_features, filled_age, filled_gender = self.read({k: views[k][filled] for k in self.readings(tight)}, tight, True)
         faces = pixel_values.shape[0]
         all_features = features.new_zeros(faces, features.shape[-1])
         all_age, all_gender = age_logits.new_zeros(faces, age_logits.shape[-1]), gender_logits.new_zeros(faces, 2)

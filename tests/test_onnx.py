@@ -121,9 +121,9 @@ def test_face_analyzer_on_the_shipped_int8_graph_reads_photos_as_torch_does():
     export's checks hold the mean difference, 0.2-0.3 years; single faces move more)."""
     from faces import FaceAnalyzer
 
+    on_torch, on_int8 = FaceAnalyzer(dtype="float32"), FaceAnalyzer(runtime="onnx-int8")
     for photo in ("three_portraits.jpg", "astronaut.jpg"):
-        torch_faces = FaceAnalyzer(dtype="float32").analyze(EXAMPLES / photo).faces
-        int8_faces = FaceAnalyzer(runtime="onnx-int8").analyze(EXAMPLES / photo).faces
+        torch_faces, int8_faces = on_torch.analyze(EXAMPLES / photo).faces, on_int8.analyze(EXAMPLES / photo).faces
         assert len(int8_faces) == len(torch_faces) >= 1
         for a, b in zip(torch_faces, int8_faces):
             assert a.box == b.box and a.gender == b.gender and abs(a.age - b.age) < 2.0 and abs(a.gender_score - b.gender_score) < 0.05

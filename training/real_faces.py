@@ -261,10 +261,10 @@ def load_real_faces(
 def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
     """Per face, whether its chip read at the framing `zoom` is framing filled (`faces.alignment.FILLED_SHARE`):
     the share outside the photo as measured at the chip's own framing, grown by the widening when read wider."""
-    from faces.alignment import FILLED_SHARE
+    from faces.alignment import FILLED_SHARE, widened_crop_share
 
-    cut, outside = np.asarray(faces["zoom"], dtype=float), np.asarray(faces["outside_share"], dtype=float)
-    share = np.where(zoom > cut, 1 - (1 - outside) * (cut / zoom) ** 2, outside)
+    widened = np.array([widened_crop_share(zoom / cut) for cut in faces["zoom"]])
+    share = 1 - (1 - np.asarray(faces["outside_share"], dtype=float)) * (1 - widened)
     return torch.from_numpy(share > FILLED_SHARE)
 
 
