@@ -373,6 +373,36 @@ def test_teacher_targets_are_the_flip_averaged_distributions_and_are_cached(trai
     assert torch.allclose(cached_age, age, atol=1e-3) and torch.allclose(cached_gender, gender, atol=1e-3)
 
 
+def test_a_pair_teacher_reads_utkface_crops_as_it_does_in_use(training_data, finished_run, tmp_path):
+    """A teacher that reads edge-filled faces apart (a tight network beside a wide one) gives UTKFace's crops, whose
+    wider framing is mostly their repeated edge, the distributions it gives them in use: its tight network's."""
+    from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+    from training.combine_models import main as combine
+    from training.data import load_utkface, pixel_cache
+    from training.distill import teacher_targets
+    from training.scoring import predict_distributions
+
+    torch.manual_seed(0)
+    wide = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32, network_zooms=[1.3125], network_read_sizes=[42])).eval()
+    with torch.no_grad():
+        wide.networks()[0].gender_head[-1].bias.copy_(torch.tensor([3.0, -3.0]))  # a wide network sure of "male"
+    wide.save_pretrained(tmp_path / "wide")
+    processor = AgeGenderImageProcessor.from_pretrained(finished_run)
+    AgeGenderImageProcessor(**{**processor.to_dict(), "image_size": 42, "face_zoom": 1.3125}).save_pretrained(tmp_path / "wide")
+    combine([str(tmp_path / "pair"), str(finished_run), str(tmp_path / "wide")])
+    pair, pair_processor = AgeGenderModel.from_pretrained(tmp_path / "pair").eval(), AgeGenderImageProcessor.from_pretrained(tmp_path / "pair")
+    assert pair.config.reads_framings_apart
+
+    faces = load_utkface(training_data, tmp_path, verbose=False)["train"].select(range(12))
+    age, gender = teacher_targets([str(tmp_path / "pair")], AgeGenderConfig.from_preset("small", image_size=32), faces, tmp_path, torch.device("cpu"))
+    pixels = torch.from_numpy(np.array(pixel_cache(faces, pair_processor, tmp_path)))
+    in_use = predict_distributions(pair, pair_processor, pixels, flip_tta=True, framing_filled=torch.ones(12, dtype=torch.bool))
+    both_networks = predict_distributions(pair, pair_processor, pixels, flip_tta=True)
+    torch.testing.assert_close(gender, in_use[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(age, in_use[0], atol=1e-3, rtol=0)
+    assert not torch.allclose(gender, both_networks[1], atol=1e-2)
+
+
 def test_distillation_loss_vanishes_only_when_the_student_agrees():
     import torch
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
 from training.data import pixel_cache, write_atomically
+from training.real_faces import framing_filled
 from training.scoring import predict_distributions
 
 
@@ -58,7 +59,8 @@ def teacher_targets(
 
 def model_teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The trained models' part of `teacher_targets`, cached."""
-    digest = hashlib.sha1("|".join(dataset["sha1"]).encode())
+    # "filled-apart": teachers that read edge-filled faces apart have read them so since this key was changed.
+    digest = hashlib.sha1(("filled-apart|" + "|".join(dataset["sha1"])).encode())
     for folder in folders:
         weights = Path(folder) / "model.safetensors"
         digest.update(weights.read_bytes() if weights.is_file() else folder.encode())
@@ -73,7 +75,8 @@ def model_teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, 
         if processor.image_size not in faces_at:
             faces_at[processor.image_size] = torch.from_numpy(np.array(pixel_cache(dataset, processor, cache_dir)))
         faces = faces_at[processor.image_size]
-        teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True)
+        filled = framing_filled(dataset, processor.face_zoom)  # read as the teacher reads such faces in use
+        teacher_age, teacher_gender = predict_distributions(teacher.to(device), processor, faces, flip_tta=True, framing_filled=filled)
         age, gender = age + teacher_age / len(folders), gender + teacher_gender / len(folders)
     write_atomically(cache, lambda path: np.savez(path, age=age.half().numpy(), gender=gender.half().numpy()))
     return age, gender

@@ -260,9 +260,13 @@ def load_real_faces(
 
 def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
     """Per face, whether its chip read at the framing `zoom` is framing filled (`faces.alignment.FILLED_SHARE`):
-    the share outside the photo as measured at the chip's own framing, grown by the widening when read wider."""
+    the share outside the photo as measured at the chip's own framing, grown by the widening when read wider.
+    A dataset of crops given as they are (UTKFace's: no `outside_share` column) has nothing outside its photo at
+    the crop's own framing, so only the widening counts (`faces.alignment.widened_crop_filled`)."""
     from faces.alignment import FILLED_SHARE, widened_crop_share
 
+    if "outside_share" not in faces.column_names:
+        return torch.full((len(faces),), widened_crop_share(zoom) > FILLED_SHARE)
     widened = np.array([widened_crop_share(zoom / cut) for cut in faces["zoom"]])
     share = 1 - (1 - np.asarray(faces["outside_share"], dtype=float)) * (1 - widened)
     return torch.from_numpy(share > FILLED_SHARE)
