@@ -318,7 +318,8 @@ def test_missing_dataset_names_what_was_expected(tmp_path):
     "extra, message",
     [(["--epochs", "0"], "must be positive"), (["--num_threads", "0"], "--num_threads must be positive"), (["--push_to_hub"], "--hub_model_id"),
      (["--cut_off_probability", "1.5"], "between 0 and 1"), (["--gender_teacher", "x.whl"], "--distill_from"),
-     (["--wider_faces", "w", "--descriptor_weight", "1"], "UTKFace faces only"), (["--native_framing"], "--face_zoom")],
+     (["--wider_faces", "w", "--descriptor_weight", "1"], "UTKFace faces only"), (["--native_framing"], "--face_zoom"),
+     (["--distill_from", "m", "--real_age_from", "v3"], "--wider_faces or --lfw_gender")],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, extra, message):
     from training.train import parse_args
@@ -401,6 +402,27 @@ def test_a_pair_teacher_reads_utkface_crops_as_it_does_in_use(training_data, fin
     torch.testing.assert_close(gender, in_use[1], atol=1e-3, rtol=0)
     torch.testing.assert_close(age, in_use[0], atol=1e-3, rtol=0)
     assert not torch.allclose(gender, both_networks[1], atol=1e-2)
+
+
+def test_real_faces_can_learn_their_ages_from_other_teachers_than_their_genders(training_data, finished_run, tmp_path):
+    """`age_from` (`train.py --real_age_from`): the ages come from those teachers alone, the genders still from
+    `folders`; both are what each set of teachers gives on its own."""
+    from modeling import AgeGenderConfig, AgeGenderImageProcessor, AgeGenderModel
+    from training.data import load_utkface
+    from training.distill import model_teacher_targets, teacher_targets
+
+    torch.manual_seed(1)
+    other = AgeGenderModel(AgeGenderConfig.from_preset("small", image_size=32)).eval()
+    other.save_pretrained(tmp_path / "other")
+    AgeGenderImageProcessor.from_pretrained(finished_run).save_pretrained(tmp_path / "other")
+    faces = load_utkface(training_data, tmp_path, verbose=False)["train"].select(range(8))
+    student, cpu = AgeGenderConfig.from_preset("small", image_size=32), torch.device("cpu")
+    age, gender = teacher_targets([str(finished_run)], student, faces, tmp_path, cpu, age_from=[str(tmp_path / "other")])
+    own_age, own_gender = model_teacher_targets([str(finished_run)], student, faces, tmp_path, cpu)
+    other_age, _ = model_teacher_targets([str(tmp_path / "other")], student, faces, tmp_path, cpu)
+    torch.testing.assert_close(age, other_age, atol=1e-3, rtol=0)  # the cache keeps half precision
+    torch.testing.assert_close(gender, own_gender, atol=1e-3, rtol=0)
+    assert not torch.allclose(age, own_age, atol=1e-3)
 
 
 def test_distillation_loss_vanishes_only_when_the_student_agrees():

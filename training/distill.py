@@ -45,13 +45,17 @@ def widest_teacher_framing(folders: list[str]) -> float:
 
 
 def teacher_targets(
-    folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device, gender_teacher: bytes | None = None
+    folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device, gender_teacher: bytes | None = None,
+    age_from: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Age `(N, num_ages)` and gender `(N, 2)` distributions of the teachers' flip-averaged ensemble for the
     faces of a `dataset` (UTKFace or real faces), each teacher reading them at its own input size; with
-    `gender_teacher` (dlib's classifier, `dlib_gender_onnx`), it joins the gender ensemble as one more member.
+    `gender_teacher` (dlib's classifier, `dlib_gender_onnx`), it joins the gender ensemble as one more member;
+    with `age_from`, the ages are those teachers' instead (`train.py --real_age_from`).
     The model teachers take minutes on a CPU, so they are cached, keyed by their weights and the faces."""
     age, gender = model_teacher_targets(folders, config, dataset, cache_dir, device)
+    if age_from:
+        age = model_teacher_targets(age_from, config, dataset, cache_dir, device)[0]
     if gender_teacher is not None:
         gender = (gender * len(folders) + dlib_gender_distributions(gender_teacher, dataset, cache_dir)) / (len(folders) + 1)
     return age, gender

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill_from", nargs="+", default=None, metavar="MODEL_DIR",
         help="Trained model folders (any input size, same age range): also learn their averaged age and gender distributions on each training face.",
     )
+    model.add_argument(
+        "--real_age_from", nargs="+", default=None, metavar="MODEL_DIR",
+        help="Teachers of the real faces' ages in place of --distill_from's: those faces carry no years, so the teachers' ages are all "
+        "they learn within an age group, and a teacher that reads children in photos as teenagers (one trained with a child-free "
+        "lower bound on WIDER's youngest group, v4-v7) would pass that on; UTKFace-only models (v3, v1) read them as children.",
+    )
     model.add_argument("--distill_weight", type=float, default=1.0, help="Weight of the distillation loss beside the supervised one.")
     model.add_argument(
         "--gender_teacher", default=None, metavar="WHEEL_OR_ONNX",
@@ -169,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--real_faces_repeat must be at least 1")
     if args.gender_teacher and not args.distill_from:
         parser.error("--gender_teacher joins the teachers of --distill_from: give those too (for instance --distill_from model)")
+    if args.real_age_from and not (args.distill_from and (args.wider_faces or args.lfw_gender)):
+        parser.error("--real_age_from teaches the real faces' ages beside --distill_from: give --distill_from and --wider_faces or --lfw_gender too")
     if args.face_zoom is not None and args.face_zoom < 1:
         parser.error(f"--face_zoom must be 1 or more, got {args.face_zoom}")
     if args.native_framing and not args.face_zoom:
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         real_splits = None
         if args.wider_faces or args.lfw_gender:
             # Cut at the widest framing the model or a teacher reads; each reads its own out of it (pixel_cache).
-            real_zoom = max(config.input_zoom, widest_teacher_framing(args.distill_from or []))
+            real_zoom = max(config.input_zoom, widest_teacher_framing((args.distill_from or []) + (args.real_age_from or [])))
             try:
                 real_splits = load_real_faces(
                     args.wider_faces, args.lfw_gender, args.cache_dir, verbose=accelerator.is_main_process, zoom=real_zoom
@@ -381,7 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_set = TensorDataset(*repeated([labelled_tensors(faces, processor, args.cache_dir) for faces in sources]))
         if args.distill_from:  # the teachers' distributions ride along with each training face
             gender_teacher = dlib_gender_onnx(args.gender_teacher) if args.gender_teacher else None
-            targets = repeated([teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device, gender_teacher) for faces in sources])
+            targets = repeated([
+                teacher_targets(args.distill_from, config, faces, cache_dir, accelerator.device, gender_teacher, age_from=args.real_age_from if index else None)
+                for index, faces in enumerate(sources)  # sources[0] is UTKFace, with ages of its own
+            ])
             train_set = TensorDataset(*train_set.tensors, *targets)
         if args.descriptor_weight > 0:  # and so does dlib's descriptor of it
             try:
