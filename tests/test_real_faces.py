@@ -151,3 +151,33 @@ def test_fully_labelled_batches_keep_the_plain_mean_loss():
     kl = F.kl_div(outputs.age_logits.log_softmax(-1), target, reduction="batchmean")
     expected = kl + F.l1_loss(outputs.age, age) + model.config.gender_loss_weight * F.cross_entropy(outputs.gender_logits, gender)
     assert outputs.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_readme_says_how_the_shipped_model_reads_the_children_picked_by_eye(tmp_path):
+    """WIDER's demographics label children Young Adult; `training/wider_faces_children.txt` names the children of
+    wider-faces' validation part, picked by eye. Each is in that part and found by the app's detector, and README's
+    limitation quotes how many of them the shipped model reads as under 10 and their median age."""
+    from conftest import ROOT, require_shipped_model
+    from datasets import Dataset
+
+    from faces.analysis import CHILD_AGE
+    from modeling import AgeGenderImageProcessor, AgeGenderModel
+    from training.data import pixel_cache
+    from training.real_faces import CHILDREN_BY_EYE, FEATURES, ScanReport, chip_rows, framing_filled, read_wider_faces, split_of_group
+    from training.scoring import predict_distributions
+
+    root, model_dir = require_shared("wider-faces"), require_shipped_model()
+    names = [line for line in CHILDREN_BY_EYE.read_text().splitlines() if line and not line.startswith("#")]
+    regions = [region for region in read_wider_faces(root) if str(region.path.relative_to(root)) in names]
+    assert len(regions) == len(names) == 39
+    assert {split_of_group(region.labels["group"], 0.15) for region in regions} == {"validation"}
+    model, processor = AgeGenderModel.from_pretrained(model_dir).eval(), AgeGenderImageProcessor.from_pretrained(model_dir)
+    report = ScanReport()
+    children = Dataset.from_list(chip_rows(regions, root, "wider-faces", report, zoom=processor.face_zoom), features=FEATURES)
+    assert len(children) == 39, report.summary()
+    pixels = torch.from_numpy(np.array(pixel_cache(children, processor, tmp_path)))
+    age_probs, _ = predict_distributions(model, processor, pixels, framing_filled=framing_filled(children, processor.face_zoom))
+    ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
+    older, median = int((ages >= CHILD_AGE).sum()), float(np.median(ages))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"reads {older} as {CHILD_AGE} years or older (median {median:.1f};" in readme, (older, median)

@@ -27,6 +27,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 import modeling  # noqa: F401  (registers the model with the Auto classes)
 from faces.alignment import widened_crop_filled
+from faces.analysis import CHILD_AGE
 from training.data import GENDER_NAMES, RACE_NAMES, load_utkface, pixel_cache
 from training.model_card import write_model_card
 from training.plots import plot_age_errors
@@ -109,7 +110,7 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     """Gender figures (balanced over women and men, and the "?" rule) of the real faces' validation part in all,
     by source, by WIDER's perceived skin type, by face size and by WIDER's flags, and how often the predicted age
     falls inside the perceived age group's years (`AGE_GROUP_RANGES`)."""
-    from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, framing_filled, load_real_faces, size_band
+    from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, children_by_eye, framing_filled, load_real_faces, size_band
 
     faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]
     pixels = torch.from_numpy(np.array(pixel_cache(faces, processor, args.cache_dir)))
@@ -133,6 +134,9 @@ def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     ranges = np.asarray(AGE_GROUP_RANGES)[np.clip(age_group, 0, None)]
     inside = (ages >= ranges[:, 0]) & (ages <= ranges[:, 1])
     report["age_group_inside"] = {AGE_GROUPS[g]: {"faces": int((age_group == g).sum()), "inside": float(inside[age_group == g].mean())} for g in range(len(AGE_GROUPS)) if (age_group == g).any()}
+    children = children_by_eye(faces)
+    if children.any():
+        report["children_by_eye"] = {"faces": int(children.sum()), "read_under_child_age": int((ages[children] < CHILD_AGE).sum()), "median_age": float(np.median(ages[children]))}
     return report
 
 
@@ -140,10 +144,14 @@ def real_faces_markdown(report: dict) -> list[str]:
     lines = ["", "Real faces, validation part (gender; no \"?\": share of faces shown without \"?\", 90% or more and not read as under 10, and how often right):", "",
              "| group | faces | balanced | men | women | no \"?\" share | no \"?\" right |", "|---|---|---|---|---|---|---|"]
     for name, f in report.items():
-        if name != "age_group_inside":
+        if name not in ("age_group_inside", "children_by_eye"):
             lines.append(f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} | {f['confident_share']:.0%} | {f['confident_accuracy']:.1%} |")
     inside = ", ".join(f"{group} {v['inside']:.0%} of {v['faces']}" for group, v in report["age_group_inside"].items())
-    return lines + ["", f"Predicted age inside the perceived age group's years: {inside}."]
+    lines += ["", f"Predicted age inside the perceived age group's years: {inside}."]
+    if "children_by_eye" in report:  # WIDER's demographics have no group for children
+        c = report["children_by_eye"]
+        lines += ["", f"Children picked by eye (training/wider_faces_children.txt): {c['read_under_child_age']} of {c['faces']} read as under {CHILD_AGE} years, median age {c['median_age']:.1f}."]
+    return lines
 
 
 def face_loader(dataset, processor, args: argparse.Namespace) -> DataLoader:

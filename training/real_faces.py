@@ -59,6 +59,7 @@ FACE_SIZE_BANDS = ((0, 32, "under 32 px"), (32, 64, "32-63 px"), (64, 128, "64-1
 # faces the UTKFace-only v3 model reads as under 12, 47 are labelled Young Adult, and looked at one by one nearly
 # all are children, from a baby up); a lower bound would teach that a child in a photo is a teenager.
 AGE_GROUP_RANGES = [[0, 42], [22, 53], [35, 70], [52, 116]]
+CHILDREN_BY_EYE = Path(__file__).with_name("wider_faces_children.txt")
 REAL_FACES_CACHE_VERSION = 3
 CHIP_QUALITY = 95  # JPEG quality of the cached 200 px chips: what the model then reads at 64 px is unchanged by it
 
@@ -273,6 +274,13 @@ def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
     widened = np.array([widened_crop_share(zoom / cut) for cut in faces["zoom"]])
     share = 1 - (1 - np.asarray(faces["outside_share"], dtype=float)) * (1 - widened)
     return torch.from_numpy(share > FILLED_SHARE)
+
+
+def children_by_eye(faces: Dataset) -> np.ndarray:
+    """Per face, whether it is one of the children picked by eye in wider-faces' validation part
+    (`CHILDREN_BY_EYE`): WIDER labels them Young Adult, so only this list tells evaluation which faces are children."""
+    names = {line for line in CHILDREN_BY_EYE.read_text().splitlines() if line and not line.startswith("#")}
+    return np.array([name in names for name in faces["file_name"]], dtype=bool)
 
 
 def size_band(face_height: float) -> str:
