@@ -144,7 +144,7 @@ def real_faces_markdown(report: dict) -> list[str]:
     lines = ["", "Real faces, validation part (gender; no \"?\": share of faces shown without \"?\", 90% or more and not read as under 10, and how often right):", "",
              "| group | faces | balanced | men | women | no \"?\" share | no \"?\" right |", "|---|---|---|---|---|---|---|"]
     for name, f in report.items():
-        if name not in ("age_group_inside", "children_by_eye"):
+        if "gender_balanced_accuracy" in f:  # a group's gender figures, not the age summaries
             lines.append(f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} | {f['confident_share']:.0%} | {f['confident_accuracy']:.1%} |")
     inside = ", ".join(f"{group} {v['inside']:.0%} of {v['faces']}" for group, v in report["age_group_inside"].items())
     lines += ["", f"Predicted age inside the perceived age group's years: {inside}."]

@@ -155,7 +155,7 @@ def breakdown_text(breakdown: dict | None) -> str:
     if real_faces:
         lines += ["\n**Real faces, validation part (gender)**\n", "| group | faces | balanced | men | women |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} |"
-                  for name, f in real_faces.items() if name != "age_group_inside"]
+                  for name, f in real_faces.items() if "gender_balanced_accuracy" in f]  # the groups' gender figures
     if breakdown.get("weaknesses"):
         lines.insert(0, "\n".join(f"- {w}" for w in breakdown["weaknesses"]))
     return "\n".join(lines)
