@@ -63,7 +63,7 @@ def teacher_targets(
 
 def model_teacher_targets(folders: list[str], config: AgeGenderConfig, dataset, cache_dir: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The trained models' part of `teacher_targets`, cached."""
-    # "filled-apart": teachers that read edge-filled faces apart have read them so since this key was changed.
+    # "filled-apart": caches written before teachers read edge-filled faces apart (`framing_filled`) are not reused.
     digest = hashlib.sha1(("filled-apart|" + "|".join(dataset["sha1"])).encode())
     for folder in folders:
         weights = Path(folder) / "model.safetensors"

@@ -109,7 +109,8 @@ def report_markdown(report: dict, title: str) -> str:
 def real_faces_report(model, processor, args: argparse.Namespace) -> dict:
     """Gender figures (balanced over women and men, and the "?" rule) of the real faces' validation part in all,
     by source, by WIDER's perceived skin type, by face size and by WIDER's flags, and how often the predicted age
-    falls inside the perceived age group's years (`AGE_GROUP_RANGES`)."""
+    falls inside the perceived age group's years (`AGE_GROUP_RANGES`), and how the children picked by eye are read
+    (WIDER's groups have none for them: `children_by_eye`)."""
     from training.real_faces import AGE_GROUP_RANGES, AGE_GROUPS, children_by_eye, framing_filled, load_real_faces, size_band
 
     faces = load_real_faces(args.wider_faces or None, args.lfw_gender or None, args.cache_dir, verbose=False, zoom=processor.face_zoom)["validation"]

@@ -56,8 +56,8 @@ FACE_SIZE_BANDS = ((0, 32, "under 32 px"), (32, 64, "32-63 px"), (64, 128, "64-1
 # annotators' disagreement, because the model reads older faces young (UTKFace MAE 7-9 years from 50 on), and
 # Senior reaches the oldest age the model predicts. Young Adult, the youngest group, starts at 0: WIDER's
 # demographics have no group for children, and its annotators put them there (of the 54 wider-faces validation
-# faces the UTKFace-only v3 model reads as under 12, 47 are labelled Young Adult, and looked at one by one nearly
-# all are children, from a baby up); a lower bound would teach that a child in a photo is a teenager.
+# faces the UTKFace-only v3 model reads as under 12, 47 are labelled Young Adult; looked at one by one, 39 are
+# plainly children, `CHILDREN_BY_EYE`); a lower bound would teach that a child in a photo is a teenager.
 AGE_GROUP_RANGES = [[0, 42], [22, 53], [35, 70], [52, 116]]
 CHILDREN_BY_EYE = Path(__file__).with_name("wider_faces_children.txt")
 REAL_FACES_CACHE_VERSION = 3
@@ -267,10 +267,10 @@ def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
     the share outside the photo as measured at the chip's own framing, grown by the widening when read wider.
     A dataset of crops given as they are (UTKFace's: no `outside_share` column) has nothing outside its photo at
     the crop's own framing, so only the widening counts (`faces.alignment.widened_crop_filled`)."""
-    from faces.alignment import FILLED_SHARE, widened_crop_share
+    from faces.alignment import FILLED_SHARE, widened_crop_filled, widened_crop_share
 
     if "outside_share" not in faces.column_names:
-        return torch.full((len(faces),), widened_crop_share(zoom) > FILLED_SHARE)
+        return torch.full((len(faces),), widened_crop_filled(zoom))
     widened = np.array([widened_crop_share(zoom / cut) for cut in faces["zoom"]])
     share = 1 - (1 - np.asarray(faces["outside_share"], dtype=float)) * (1 - widened)
     return torch.from_numpy(share > FILLED_SHARE)
