@@ -180,4 +180,4 @@ def test_readme_says_how_the_shipped_model_reads_the_children_picked_by_eye(tmp_
     ages = (age_probs @ torch.arange(model.config.min_age, model.config.min_age + age_probs.shape[1]).float()).numpy()
     older, median = int((ages >= CHILD_AGE).sum()), float(np.median(ages))
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"reads {older} as {CHILD_AGE} years or older (median {median:.1f};" in readme, (older, median)
+    assert f"reads {older} as {CHILD_AGE} years or older (median {median:.1f})" in readme, (older, median)
