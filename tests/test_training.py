@@ -139,6 +139,10 @@ def test_evaluate_writes_the_fairness_report(training_data, finished_run, tmp_pa
     if (DEFAULT_WIDER_DEV / "label.txt").is_file():  # real photos are in the report where they are at hand
         assert report["real_photos"]["faces"] > 500 and 0 <= report["real_photos"]["gender_accuracy"] <= 1
         assert "Real photos (wider-dev" in (out / "report.md").read_text()
+    if "children_by_eye" in report.get("real_faces_validation", {}):  # wider-faces is at hand
+        children = report["real_faces_validation"]["children_by_eye"]
+        assert children["faces"] == 39 and 0 <= children["read_under_child_age"] <= 39
+        assert f"{children['read_under_child_age']} of 39 read as under 10 years" in (finished_run / "README.md").read_text()
 
     in_bfloat16 = run_evaluate(finished_run, training_data, tmp_path / "bf16", "--dtype", "bfloat16", "--real_photos", "")
     assert in_bfloat16.returncode == 0, in_bfloat16.stderr[-3000:]

@@ -156,6 +156,10 @@ def breakdown_text(breakdown: dict | None) -> str:
         lines += ["\n**Real faces, validation part (gender)**\n", "| group | faces | balanced | men | women |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {f['faces']} | {f['gender_balanced_accuracy']:.1%} | {f['gender_accuracy_men']:.1%} | {f['gender_accuracy_women']:.1%} |"
                   for name, f in real_faces.items() if "gender_balanced_accuracy" in f]  # the groups' gender figures
+        if "children_by_eye" in real_faces:  # WIDER's age groups have none for children
+            c = real_faces["children_by_eye"]
+            lines.append(f"\nChildren in real photos (picked by eye in the validation part; WIDER labels them Young Adult): "
+                         f"{c['read_under_child_age']} of {c['faces']} read as under 10 years, so that their gender is marked as a guess; median age read {c['median_age']:.1f}.")
     if breakdown.get("weaknesses"):
         lines.insert(0, "\n".join(f"- {w}" for w in breakdown["weaknesses"]))
     return "\n".join(lines)
