@@ -163,11 +163,11 @@ def test_readme_says_how_the_shipped_model_reads_the_children_picked_by_eye(tmp_
     from faces.analysis import CHILD_AGE
     from modeling import AgeGenderImageProcessor, AgeGenderModel
     from training.data import pixel_cache
-    from training.real_faces import CHILDREN_BY_EYE, FEATURES, ScanReport, chip_rows, framing_filled, read_wider_faces, split_of_group
+    from training.real_faces import FEATURES, ScanReport, children_by_eye_names, chip_rows, framing_filled, read_wider_faces, split_of_group
     from training.scoring import predict_distributions
 
     root, model_dir = require_shared("wider-faces"), require_shipped_model()
-    names = [line for line in CHILDREN_BY_EYE.read_text().splitlines() if line and not line.startswith("#")]
+    names = children_by_eye_names()
     regions = [region for region in read_wider_faces(root) if str(region.path.relative_to(root)) in names]
     assert len(regions) == len(names) == 39
     assert {split_of_group(region.labels["group"], 0.15) for region in regions} == {"validation"}

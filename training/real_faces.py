@@ -279,8 +279,13 @@ def framing_filled(faces: Dataset, zoom: float) -> torch.Tensor:
 def children_by_eye(faces: Dataset) -> np.ndarray:
     """Per face, whether it is one of the children picked by eye in wider-faces' validation part
     (`CHILDREN_BY_EYE`): WIDER labels them Young Adult, so only this list tells evaluation which faces are children."""
-    names = {line for line in CHILDREN_BY_EYE.read_text().splitlines() if line and not line.startswith("#")}
+    names = set(children_by_eye_names())
     return np.array([name in names for name in faces["file_name"]], dtype=bool)
+
+
+def children_by_eye_names() -> list[str]:
+    """The file names (as in wider-faces' faces.csv) listed in `CHILDREN_BY_EYE`."""
+    return [line for line in CHILDREN_BY_EYE.read_text().splitlines() if line and not line.startswith("#")]
 
 
 def size_band(face_height: float) -> str:
