@@ -159,7 +159,6 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
     (the real faces where ../shared has them). No face both calibrates and checks."""
     from training.data import load_utkface, pixel_cache
     from training.real_faces import DEFAULT_LFW_GENDER, DEFAULT_WIDER_FACES, framing_filled, load_real_faces
-    from faces.alignment import widened_crop_filled
     from training.wider_dev import DEFAULT_WIDER_DEV, real_face_pixels
 
     def normalised(pixels: np.ndarray) -> np.ndarray:
@@ -174,16 +173,16 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
 
     splits = load_utkface(data, cache_dir, verbose=False)
 
-    def utkface(dataset) -> np.ndarray:
-        return np.full(len(dataset), widened_crop_filled(processor.face_zoom))
+    def filled(dataset) -> np.ndarray:
+        return framing_filled(dataset, processor.face_zoom).numpy()
 
     def real(dataset) -> tuple[np.ndarray, None, np.ndarray]:
-        return normalised(cached(dataset)), None, framing_filled(dataset, processor.face_zoom).numpy()
+        return normalised(cached(dataset)), None, filled(dataset)
 
     validation, test = first(splits["validation"]), first(splits["test"])
     faces = {
-        "utkface_validation": (normalised(cached(validation)), None, utkface(validation)),
-        "utkface_test": (normalised(cached(test)), np.asarray(test["age"], dtype=float), utkface(test)),
+        "utkface_validation": (normalised(cached(validation)), None, filled(validation)),
+        "utkface_test": (normalised(cached(test)), np.asarray(test["age"], dtype=float), filled(test)),
     }
     if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
         real_faces = load_real_faces(cache_dir=cache_dir, verbose=False, zoom=processor.face_zoom)
