@@ -165,29 +165,23 @@ def check_faces(data: str, cache_dir: str | None, processor: AgeGenderImageProce
         """uint8 `(N, H, W, 3)` faces as the model's input."""
         return processor.normalize_batch(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
 
-    def cached(dataset) -> np.ndarray:
-        return np.array(pixel_cache(dataset, processor, cache_dir))
-
     def first(dataset):
         return dataset if max_faces is None else dataset.shuffle(seed=0).select(range(min(max_faces, len(dataset))))
 
+    def check_set(dataset, ages: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """A dataset's faces as the model's input, their true ages if given, and their framing flags."""
+        return normalised(np.array(pixel_cache(dataset, processor, cache_dir))), ages, framing_filled(dataset, processor.face_zoom).numpy()
+
     splits = load_utkface(data, cache_dir, verbose=False)
-
-    def filled(dataset) -> np.ndarray:
-        return framing_filled(dataset, processor.face_zoom).numpy()
-
-    def real(dataset) -> tuple[np.ndarray, None, np.ndarray]:
-        return normalised(cached(dataset)), None, filled(dataset)
-
     validation, test = first(splits["validation"]), first(splits["test"])
     faces = {
-        "utkface_validation": (normalised(cached(validation)), None, filled(validation)),
-        "utkface_test": (normalised(cached(test)), np.asarray(test["age"], dtype=float), filled(test)),
+        "utkface_validation": check_set(validation),
+        "utkface_test": check_set(test, np.asarray(test["age"], dtype=float)),
     }
     if DEFAULT_WIDER_FACES.is_dir() and DEFAULT_LFW_GENDER.is_dir():
         real_faces = load_real_faces(cache_dir=cache_dir, verbose=False, zoom=processor.face_zoom)
-        faces["real_faces_train"] = real(first(real_faces["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))
-        faces["real_faces_validation"] = real(first(real_faces["validation"]))
+        faces["real_faces_train"] = check_set(first(real_faces["train"].shuffle(seed=0).select(range(CALIBRATION_FACES))))
+        faces["real_faces_validation"] = check_set(first(real_faces["validation"]))
     if DEFAULT_WIDER_DEV.is_dir():  # the faces the app finds in wider-dev's real photos: checked, never calibrated on
         pixels, _, filled = (part[:max_faces] for part in real_face_pixels(DEFAULT_WIDER_DEV, processor, cache_dir))
         faces["wider_dev_found_faces"] = (normalised(pixels), None, filled)
