@@ -131,6 +131,12 @@ class AgeGenderConfig(PretrainedConfig):
         network_embedding_sizes (`list[int]`, *optional*):
             Channels of each network's stem (one per network, the first `embedding_size`), given with
             `network_hidden_sizes`. None: every network has `embedding_size`.
+        photo_networks (`list[int]`, *optional*):
+            Outside training, in a model whose networks read different framings: the networks (indices, from 0)
+            that read a face framed from its photo, the faces that are not `framing_filled`. None: every network.
+            A network that reads a wider framing at full scale can read photo faces better alone than averaged
+            with a tight network that errs on the same faces, while the tight one still reads the edge-filled crops
+            (UTKFace's) it was chosen on (docs/experiments.md).
     """
 
     model_type = "age_gender_cnn"
@@ -165,6 +171,7 @@ class AgeGenderConfig(PretrainedConfig):
         network_read_sizes: list[int] | None = None,
         network_hidden_sizes: list[list[int]] | None = None,
         network_embedding_sizes: list[int] | None = None,
+        photo_networks: list[int] | None = None,
         **kwargs,
     ):
         if backbone not in ("resnet", "plain"):
@@ -221,6 +228,9 @@ class AgeGenderConfig(PretrainedConfig):
         self.network_hidden_sizes, self.network_embedding_sizes = checked_network_widths(
             network_hidden_sizes, network_embedding_sizes, hidden_sizes, embedding_size, self.ensemble_size
         )
+        self.photo_networks = checked_photo_networks(photo_networks, self.ensemble_size)
+        if self.photo_networks is not None and not self.reads_framings_apart:
+            raise ValueError(f"photo_networks is for networks that read different framings; these all read {network_zooms[0]:g}")
         kwargs.setdefault("id2label", {0: "male", 1: "female"})
         kwargs.setdefault("label2id", {"male": 0, "female": 1})
         super().__init__(**kwargs)
@@ -246,6 +256,16 @@ class AgeGenderConfig(PretrainedConfig):
         """Whether its networks read different framings: then a face whose wider framing reaches well beyond its
         photo is read by the tightest-framed networks alone (`framing_filled` in `AgeGenderModel.forward`)."""
         return len(set(self.network_zooms)) > 1
+
+    @property
+    def tightest_networks(self) -> list[int]:
+        """The networks that read the tightest framing: the readers of a `framing_filled` face."""
+        return [index for index, zoom in enumerate(self.network_zooms) if zoom == min(self.network_zooms)]
+
+    @property
+    def photo_network_indices(self) -> list[int]:
+        """The readers of a face framed from its photo: `photo_networks`, or every network."""
+        return list(range(self.ensemble_size)) if self.photo_networks is None else self.photo_networks
 
     @property
     def input_size(self) -> int:
@@ -280,3 +300,16 @@ def checked_network_widths(
     if widths[0] != hidden_sizes or stems[0] != embedding_size:
         raise ValueError(f"the first network's widths ({stems[0]}, {widths[0]}) must be hidden_sizes {hidden_sizes} and embedding_size {embedding_size}")
     return widths, stems
+
+
+def checked_photo_networks(photo_networks: list[int] | None, ensemble_size: int) -> list[int] | None:
+    """`photo_networks` in order, checked to name one or more of the ensemble's networks, each once."""
+    if photo_networks is None:
+        return None
+    indices = sorted(int(index) for index in photo_networks)
+    if not indices or len(set(indices)) != len(indices) or indices[0] < 0 or indices[-1] >= ensemble_size:
+        raise ValueError(
+            f"photo_networks must name one or more of the {ensemble_size} networks by index (0 to {ensemble_size - 1}), "
+            f"each once, got {photo_networks}"
+        )
+    return indices

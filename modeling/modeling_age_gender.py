@@ -311,19 +311,22 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
                 (`faces.alignment.framing_filled`: a crop widened with its edge repeated, a face at a photo's
                 border). In a model whose networks read different framings, such a face is read by the networks
                 at the tightest framing beside its mirror image instead of by the wider ones, which would see a
-                repeated edge where they learnt to read hair and shoulders; at about the same cost. Ignored in
-                training and by models whose networks all read one framing.
+                repeated edge where they learnt to read hair and shoulders; at about the same cost. The other faces
+                are read by `config.photo_networks`. None: no face is filled. Ignored in training and by models
+                whose networks all read one framing.
 
         The loss is returned when any label is given. Each face contributes the terms its labels allow, each term
         summed over those faces and divided by the batch size, so that a face without a label adds nothing to
         that label's gradient and a batch of fully labelled faces gives the plain mean.
         """
         pixel_values = pixel_values.to(dtype=self.dtype)
-        if framing_filled is None or self.training or not self.config.reads_framings_apart:
+        if self.training or not self.config.reads_framings_apart:
             everything = range(self.config.ensemble_size)
             features, age_logits, gender_logits = self.read(self.views(pixel_values, everything), everything, self.config.flip_average and not self.training)
         else:
-            features, age_logits, gender_logits = self.read_filled_apart(pixel_values, framing_filled.to(device=pixel_values.device, dtype=torch.bool))
+            if framing_filled is None:
+                framing_filled = torch.zeros(pixel_values.shape[0], dtype=torch.bool)
+            features, age_logits, gender_logits = self.read_framings_apart(pixel_values, framing_filled.to(device=pixel_values.device, dtype=torch.bool))
         expected_age, age_std = age_statistics(age_logits.softmax(dim=-1), self.config.min_age)
 
         loss = None
@@ -369,26 +372,24 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
             features, age_logits, gender_logits = ((t[:faces] + t[faces:]) / 2 for t in (features, age_logits, gender_logits))
         return features, age_logits, gender_logits
 
-    def read_filled_apart(self, pixel_values: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`read` for a batch with `framing_filled`: the faces framed from their photo by every network, the
-        filled ones by the tightest-framed networks beside their mirror image. Each face is read only by the
-        networks its answer comes from. In `pooler_output` a filled face's place for the wider networks' features
-        holds zeros."""
-        tight = [index for index, zoom in enumerate(self.config.network_zooms) if zoom == min(self.config.network_zooms)]
-        everything = range(self.config.ensemble_size)
-        views = self.views(pixel_values, everything)
-        features, age_logits, gender_logits = self.read({k: v[~filled] for k, v in views.items()}, everything, self.config.flip_average)
-        filled_features, filled_age, filled_gender = self.read({k: views[k][filled] for k in self.readings(tight)}, tight, True)
-        faces = pixel_values.shape[0]
-        all_features = features.new_zeros(faces, features.shape[-1])
-        all_age, all_gender = age_logits.new_zeros(faces, age_logits.shape[-1]), gender_logits.new_zeros(faces, 2)
-        all_features[~filled], all_age[~filled], all_gender[~filled] = features, age_logits, gender_logits
+    def read_framings_apart(self, pixel_values: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`read` for a model whose networks read different framings: the faces framed from their photo by
+        `config.photo_networks`, the filled ones by the tightest-framed networks beside their mirror image. Each
+        face is read only by the networks its answer comes from; in `pooler_output` the places of the networks
+        that did not read a face hold zeros."""
+        config, faces = self.config, pixel_values.shape[0]
+        views = self.views(pixel_values, range(config.ensemble_size))
         widths = [network.backbone.out_features for network in self.networks()]
-        columns = torch.cat([torch.full((width,), index in tight, dtype=torch.bool) for index, width in enumerate(widths)])
-        all_age[filled], all_gender[filled] = filled_age, filled_gender
-        filled_rows = all_features[filled]
-        filled_rows[:, columns.to(filled_rows.device)] = filled_features
-        all_features[filled] = filled_rows
+        all_features = all_age = all_gender = None
+        for rows, indices, mirrored in ((~filled, config.photo_network_indices, config.flip_average), (filled, config.tightest_networks, True)):
+            features, age_logits, gender_logits = self.read({k: views[k][rows] for k in self.readings(indices)}, indices, mirrored)
+            if all_features is None:
+                all_features = features.new_zeros(faces, sum(widths))
+                all_age, all_gender = age_logits.new_zeros(faces, config.num_ages), gender_logits.new_zeros(faces, 2)
+            columns = torch.cat([torch.full((width,), index in indices, dtype=torch.bool) for index, width in enumerate(widths)])
+            read_rows = all_features[rows]
+            read_rows[:, columns.to(read_rows.device)] = features
+            all_features[rows], all_age[rows], all_gender[rows] = read_rows, age_logits, gender_logits
         return all_features, all_age, all_gender
 
     def networks(self) -> list[nn.Module]:

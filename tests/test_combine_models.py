@@ -135,6 +135,54 @@ def test_a_face_whose_wider_framing_is_filled_is_read_by_the_tight_network_alone
         torch.testing.assert_close(in_training, combined(pixel_values=pixels).gender_logits)
 
 
+def test_photo_networks_read_the_faces_framed_from_their_photo_alone(tmp_path):
+    """`photo_networks`: a wide network that reads photo faces better alone than averaged with the tight one reads
+    them alone, while the tight one keeps the edge-filled faces (beside their mirror image); a batch without flags
+    is all photo faces; each face is read only by its own readers; through saving, loading and ONNX alike."""
+    tight, wide = jittered(0), jittered(1, network_zooms=[1.3125], network_read_sizes=[42])
+    combined = combine_models([tight, wide], photo_networks=[1])
+    combined.save_pretrained(tmp_path / "pair")
+    reloaded = AgeGenderModel.from_pretrained(tmp_path / "pair")
+    assert reloaded.config.photo_networks == [1] and reloaded.config.photo_network_indices == [1]
+    pixels = torch.rand(5, 3, 42, 42) * 2 - 1
+    filled = torch.tensor([True, False, True, False, False])
+    centre = pixels[..., 5:37, 5:37]
+    with torch.no_grad():
+        read = reloaded(pixel_values=pixels, framing_filled=filled)
+        unflagged = reloaded(pixel_values=pixels).gender_logits
+        wide_alone = wide(pixel_values=pixels).gender_logits
+        tight_mirrored = (tight(pixel_values=centre).gender_logits + tight(pixel_values=centre.flip(-1)).gender_logits) / 2
+        averaged = combine_models([tight, wide])(pixel_values=pixels, framing_filled=filled).gender_logits
+    torch.testing.assert_close(read.gender_logits[~filled], wide_alone[~filled])
+    torch.testing.assert_close(read.gender_logits[filled], tight_mirrored[filled])
+    torch.testing.assert_close(unflagged, wide_alone)
+    assert not torch.allclose(averaged[~filled], wide_alone[~filled])  # the option changes what photo faces get
+    width = combined.config.hidden_sizes[-1]
+    assert not read.pooler_output[~filled][:, :width].any() and read.pooler_output[~filled][:, width:].any()
+    assert read.pooler_output[filled][:, :width].any() and not read.pooler_output[filled][:, width:].any()
+    session = ort.InferenceSession(str(export_float(reloaded, tmp_path / "pair.onnx")), providers=["CPUExecutionProvider"])
+    for flags in (filled, torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)):
+        gender = session.run(["gender_logits"], {"pixel_values": pixels.numpy(), "framing_filled": flags.numpy()})[0]
+        with torch.no_grad():
+            expected = reloaded(pixel_values=pixels, framing_filled=flags).gender_logits
+        torch.testing.assert_close(torch.from_numpy(gender), expected, atol=1e-4, rtol=1e-4)
+    assert "read once, by network 1 (counting from 0) of its 2 (`photo_networks`)" in reading_note(reloaded.config.to_dict())
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"photo_networks": [2]}, r"one or more of the 2 networks by index \(0 to 1\), each once, got \[2\]"),
+        ({"photo_networks": []}, "got \\[\\]"),
+        ({"photo_networks": [1, 1]}, "each once"),
+        ({"photo_networks": [1], "network_zooms": [1.0, 1.0]}, "networks that read different framings; these all read 1"),
+    ],
+)
+def test_bad_photo_networks_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        AgeGenderConfig(ensemble_size=2, **{"network_zooms": [1.0, 1.3125], **overrides})
+
+
 def test_an_ensemble_trains_as_one_model():
     """The loss is on the averaged logits, and every network gets a gradient from it."""
     combined = combine_models([jittered(0), jittered(1)]).train()
@@ -244,6 +292,20 @@ def test_the_command_combines_the_shipped_model_with_itself_and_it_exports_to_on
 
     missing = subprocess.run([sys.executable, "-m", "training.combine_models", str(tmp_path / "x"), str(shipped), str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and "nope is not a model folder" in missing.stderr
+
+
+def test_the_command_takes_photo_networks_and_refuses_a_network_it_lacks(tmp_path):
+    """`--photo_networks` through the CLI: recorded in the config and in the command the card shows; an index past
+    the networks given is refused by name, with nothing written."""
+    shipped = str(require_shipped_model())
+    command = [sys.executable, "-m", "training.combine_models", str(tmp_path / "pair"), shipped, shipped, "--photo_networks", "1", "3"]
+    subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert AgeGenderConfig.from_pretrained(tmp_path / "pair").photo_networks == [1, 3]
+    assert json.loads((tmp_path / "pair" / "metrics.json").read_text())["command"].endswith("--photo_networks 1 3")
+    command[3], command[-1] = str(tmp_path / "bad"), "4"
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "photo_networks must name one or more of the 4 networks" in refused.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_combined_model_card_names_each_network_and_how_it_reads(tmp_path):

@@ -42,9 +42,11 @@ def check_same_architecture(configs: list[AgeGenderConfig], names: list[str]) ->
                 )
 
 
-def combine_models(models: list[AgeGenderModel], names: list[str] | None = None, flip_average: bool = False) -> AgeGenderModel:
+def combine_models(
+    models: list[AgeGenderModel], names: list[str] | None = None, flip_average: bool = False, photo_networks: list[int] | None = None
+) -> AgeGenderModel:
     """One model holding the networks of all `models` (an ensemble among them gives all of its networks), with
-    the first model's config and calibration and `flip_average` as given."""
+    the first model's config and calibration and `flip_average` and `photo_networks` as given."""
     if len(models) < 2:
         raise ValueError("give at least two models to combine")
     names = names or [f"model {i + 1}" for i in range(len(models))]
@@ -57,7 +59,7 @@ def combine_models(models: list[AgeGenderModel], names: list[str] | None = None,
     config = AgeGenderConfig.from_dict(
         {**models[0].config.to_dict(), "ensemble_size": len(sources), "flip_average": flip_average, "network_zooms": zooms,
          "network_read_sizes": read_sizes, "network_hidden_sizes": None if alike else list(widths),
-         "network_embedding_sizes": None if alike else list(stems)}
+         "network_embedding_sizes": None if alike else list(stems), "photo_networks": photo_networks}
     )
     combined = AgeGenderModel(config).eval()
     for target, source in zip(combined.networks(), sources):
@@ -107,19 +109,25 @@ def main(argv: list[str] | None = None) -> None:
         help="Each network also reads each face's mirror image (twice the cost again); off by default, the networks' "
         "own setting is not carried over.",
     )
+    parser.add_argument(
+        "--photo_networks", type=int, nargs="+", metavar="INDEX",
+        help="The networks (from 0, in the order the models give them) that read faces framed from their photo, for "
+        "networks of different framings; edge-filled faces stay with the tightest-framed ones. Default: every network.",
+    )
     args = parser.parse_args(argv)
     for folder in args.models:
         if not Path(folder, "config.json").is_file():
             raise SystemExit(f"error: {folder} is not a model folder (no config.json); give folders a training run saved")
     processors = [AgeGenderImageProcessor.from_pretrained(folder) for folder in args.models]
     try:
-        combined = combine_models([AgeGenderModel.from_pretrained(folder) for folder in args.models], args.models, args.flip_average)
+        combined = combine_models([AgeGenderModel.from_pretrained(folder) for folder in args.models], args.models, args.flip_average, args.photo_networks)
         processor = combined_processor(processors, args.models, combined)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
     combined.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
-    command = " ".join(["python -m training.combine_models", args.output_dir, *args.models, *(["--flip_average"] if args.flip_average else [])])
+    options = (["--flip_average"] if args.flip_average else []) + (["--photo_networks", *map(str, args.photo_networks)] if args.photo_networks else [])
+    command = " ".join(["python -m training.combine_models", args.output_dir, *args.models, *options])
     metrics = combined_metrics(args.models, combined, command)
     Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(

@@ -181,6 +181,7 @@ def framing_note(config: AgeGenderConfig) -> str:
             " them, or a face at a photo's border: `framing_filled`) is read by the tightest-framed networks beside its"
             " mirror image instead."
         )
+
     return note
 
 
@@ -197,6 +198,12 @@ def reading_note(config: dict) -> str:
         return (
             f"Each face is read beside its mirror image by {readers}, at {cost} "
             "(`flip_average`); the figures below and the calibrations are made that way."
+        )
+    if config.get("photo_networks") is not None:
+        chosen = " and ".join(str(index) for index in config["photo_networks"])
+        return (
+            f"Each face framed from its photo is read once, by network {chosen} (counting from 0) of its {networks} "
+            "(`photo_networks`); the figures below and the calibrations are made that way."
         )
     if networks > 1:
         return f"Each face is read once by {readers}, at {cost}; the figures below and the calibrations are made that way."
