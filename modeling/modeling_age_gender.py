@@ -380,12 +380,12 @@ class AgeGenderModel(AgeGenderPreTrainedModel):
         config, faces = self.config, pixel_values.shape[0]
         views = self.views(pixel_values, range(config.ensemble_size))
         widths = [network.backbone.out_features for network in self.networks()]
-        all_features = all_age = all_gender = None
-        for rows, indices, mirrored in ((~filled, config.photo_network_indices, config.flip_average), (filled, config.tightest_networks, True)):
-            features, age_logits, gender_logits = self.read({k: views[k][rows] for k in self.readings(indices)}, indices, mirrored)
-            if all_features is None:
-                all_features = features.new_zeros(faces, sum(widths))
-                all_age, all_gender = age_logits.new_zeros(faces, config.num_ages), gender_logits.new_zeros(faces, 2)
+        groups = ((~filled, config.photo_network_indices, config.flip_average), (filled, config.tightest_networks, True))
+        readings = [(rows, indices, self.read({k: views[k][rows] for k in self.readings(indices)}, indices, mirrored)) for rows, indices, mirrored in groups]
+        features, age_logits, gender_logits = readings[0][2]
+        all_features = features.new_zeros(faces, sum(widths))
+        all_age, all_gender = age_logits.new_zeros(faces, config.num_ages), gender_logits.new_zeros(faces, 2)
+        for rows, indices, (features, age_logits, gender_logits) in readings:
             columns = torch.cat([torch.full((width,), index in indices, dtype=torch.bool) for index, width in enumerate(widths)])
             read_rows = all_features[rows]
             read_rows[:, columns.to(read_rows.device)] = features

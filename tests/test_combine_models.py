@@ -167,6 +167,8 @@ def test_photo_networks_read_the_faces_framed_from_their_photo_alone(tmp_path):
             expected = reloaded(pixel_values=pixels, framing_filled=flags).gender_logits
         torch.testing.assert_close(torch.from_numpy(gender), expected, atol=1e-4, rtol=1e-4)
     assert "read once, by network 1 (counting from 0) of its 2 (`photo_networks`)" in reading_note(reloaded.config.to_dict())
+    mirrored = {**reloaded.config.to_dict(), "flip_average": True}
+    assert "read beside its mirror image (`flip_average`), by network 1 (counting from 0) of its 2" in reading_note(mirrored)
 
 
 @pytest.mark.parametrize(

@@ -181,7 +181,6 @@ def framing_note(config: AgeGenderConfig) -> str:
             " them, or a face at a photo's border: `framing_filled`) is read by the tightest-framed networks beside its"
             " mirror image instead."
         )
-
     return note
 
 
@@ -194,16 +193,17 @@ def reading_note(config: dict) -> str:
         readers += f", networks of {' and '.join(str(network) for network in widths)} channels per stage (`network_hidden_sizes`)"
     alike = not widths and len(set(config.get("network_read_sizes") or [0])) == 1
     cost = f"{(2 if config.get('flip_average') else 1) * networks} times one network's cost" if alike else "the sum of its networks' costs"
+    if config.get("photo_networks") is not None:
+        chosen = " and ".join(str(index) for index in config["photo_networks"])
+        how = "beside its mirror image (`flip_average`)" if config.get("flip_average") else "once"
+        return (
+            f"Each face framed from its photo is read {how}, by network {chosen} (counting from 0) of its {networks} "
+            "(`photo_networks`); the figures below and the calibrations are made that way."
+        )
     if config.get("flip_average"):
         return (
             f"Each face is read beside its mirror image by {readers}, at {cost} "
             "(`flip_average`); the figures below and the calibrations are made that way."
-        )
-    if config.get("photo_networks") is not None:
-        chosen = " and ".join(str(index) for index in config["photo_networks"])
-        return (
-            f"Each face framed from its photo is read once, by network {chosen} (counting from 0) of its {networks} "
-            "(`photo_networks`); the figures below and the calibrations are made that way."
         )
     if networks > 1:
         return f"Each face is read once by {readers}, at {cost}; the figures below and the calibrations are made that way."
